@@ -1,0 +1,1 @@
+"""kubemtls operator: certificates, signing API, trust bundles and the injection webhook."""

@@ -1,0 +1,5 @@
+import sys
+
+from kubemtls_operator.emu.server import main
+
+sys.exit(main())

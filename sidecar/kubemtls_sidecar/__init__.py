@@ -1,0 +1,1 @@
+"""kubemtls sidecar: the per-pod mTLS proxy."""
