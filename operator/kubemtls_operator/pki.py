@@ -23,11 +23,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
 from kubemtls_sidecar import certs, errors
 
 __all__ = [
     "CA",
+    "REVOCATION_REASONS",
     "CAExpired",
     "CAInvalid",
     "CAKeyEncrypted",
@@ -37,7 +37,6 @@ __all__ = [
     "LeafIdentity",
     "NotACA",
     "PKIError",
-    "REVOCATION_REASONS",
     "RevokedEntry",
     "bootstrap_ca",
     "build_crl",
@@ -141,7 +140,8 @@ class CA:
         return certs.facts(self.cert)
 
     def __repr__(self) -> str:  # never print key material
-        return f"CA(subject={self.cert.subject.rfc4514_string()!r}, serial={self.cert.serial_number:x})"
+        subject = self.cert.subject.rfc4514_string()
+        return f"CA(subject={subject!r}, serial={self.cert.serial_number:x})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +194,7 @@ def key_pem(key: PrivateKey) -> bytes:
     )
 
 
-def _hash_for(key: PrivateKey) -> hashes.HashAlgorithm:
+def _hash_for(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384:
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size >= 384:
         return hashes.SHA384()
     return hashes.SHA256()
@@ -284,7 +284,9 @@ def _check_is_ca(cert: x509.Certificate) -> None:
     try:
         ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
         if not ku.key_cert_sign or not ku.crl_sign:
-            raise NotACA(f"{name} may not sign certificates and CRLs (keyUsage keyCertSign, cRLSign)")
+            raise NotACA(
+                f"{name} may not sign certificates and CRLs (keyUsage keyCertSign, cRLSign)"
+            )
     except x509.ExtensionNotFound:
         pass
 
@@ -418,7 +420,7 @@ def load_csr(pem: bytes | str) -> x509.CertificateSigningRequest:
     _check_public_key(csr.public_key())
     try:
         valid = csr.is_signature_valid
-    except Exception as e:  # unsupported signature algorithm  # noqa: BLE001
+    except Exception as e:  # unsupported signature algorithm
         raise CSRInvalid(f"the CSR's signature cannot be checked: {e}") from e
     if not valid:
         raise CSRInvalid("the CSR's signature does not verify: it was not signed by its own key")
@@ -567,9 +569,7 @@ def issue_serving_cert(
         dns_names=tuple(dns_names),
         ip_addresses=tuple(ip_addresses),
     )
-    cert = issue_leaf(
-        ca, key.public_key(), identity, now=now, lifetime=lifetime, client_auth=False
-    )
+    cert = issue_leaf(ca, key.public_key(), identity, now=now, lifetime=lifetime, client_auth=False)
     return cert, key
 
 
