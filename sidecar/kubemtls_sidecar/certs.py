@@ -31,14 +31,15 @@ __all__ = [
     "x5t_s256",
 ]
 
-# RFC 1123 label (namespaces, service accounts' DNS-label form) and subdomain (SA names).
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_SPIFFE = re.compile(r"^spiffe://(?P<td>[^/]+)/ns/(?P<ns>[^/]+)/sa/(?P<sa>[^/]+)$")
+# RFC 1123 label (namespaces) and subdomain (service accounts, trust domains), as
+# Kubernetes validates them. Always used with fullmatch: "$" would accept a trailing "\n".
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_SPIFFE = re.compile(r"spiffe://(?P<td>[^/]+)/ns/(?P<ns>[^/]+)/sa/(?P<sa>[^/]+)")
 
 
 def _check_label(what: str, value: str, *, max_len: int, pattern: re.Pattern[str]) -> None:
-    if not value or len(value) > max_len or not pattern.match(value):
+    if not value or len(value) > max_len or not pattern.fullmatch(value):
         raise errors.IdentityError(
             f"{what} {value!r} is not a valid Kubernetes name: use at most {max_len} "
             "lower-case letters, digits and '-' (and '.' for a service account), "
@@ -64,13 +65,16 @@ def parse_spiffe_id(uri: str) -> tuple[str, str, str]:
     Raises:
         IdentityError: not of the form ``spiffe://TD/ns/NS/sa/SA``.
     """
-    m = _SPIFFE.match(uri)
+    m = _SPIFFE.fullmatch(uri)
     if m is None:
         raise errors.IdentityError(
             f"{uri!r} is not a kubemtls SPIFFE ID; expected spiffe://<trust-domain>/ns/<ns>/sa/<sa>"
         )
     td, ns, sa = m.group("td"), m.group("ns"), m.group("sa")
-    spiffe_id(td, ns, sa)  # validates each part
+    try:
+        spiffe_id(td, ns, sa)  # validates each part
+    except errors.IdentityError as e:
+        raise errors.IdentityError(f"{uri!r} is not a valid SPIFFE ID: {e}") from e
     return td, ns, sa
 
 
@@ -80,8 +84,10 @@ def load_pem_certificates(pem: bytes) -> list[x509.Certificate]:
     Raises:
         ValueError: no certificate in the data.
     """
-    certs = x509.load_pem_x509_certificates(pem)
-    return list(certs)
+    try:
+        return list(x509.load_pem_x509_certificates(pem))
+    except ValueError as e:
+        raise ValueError(f"no PEM certificate could be read: {e}") from e
 
 
 def fingerprint_sha256(cert: x509.Certificate) -> str:
@@ -125,10 +131,8 @@ class CertFacts:
 
 
 def _cn_of(rfc4514: str) -> str | None:
-    for part in rfc4514.split(","):
-        if part.startswith("CN="):
-            return part[3:]
-    return None
+    attrs = x509.Name.from_rfc4514_string(rfc4514).get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(attrs[0].value) if attrs else None
 
 
 def facts(cert: x509.Certificate) -> CertFacts:

@@ -24,6 +24,7 @@ __all__ = [
     "ANN_REQUIRE_BOUND_TOKEN",
     "ANN_REVOKE",
     "ANN_UPSTREAM_CA",
+    "APP_HEALTH_PREFIX",
     "CRD_GROUP",
     "CRD_KIND",
     "CRD_PLURAL",
@@ -49,9 +50,13 @@ __all__ = [
     "TRUST_CONFIGMAP",
     "TRUST_CRL_FILE",
     "TRUST_DIR",
+    "UPSTREAM_CA_DIR",
+    "UPSTREAM_CA_FILE",
     "USER_ANNOTATIONS",
+    "VOLUME_TMP",
     "VOLUME_TOKEN",
     "VOLUME_TRUST",
+    "VOLUME_UPSTREAM_CA",
     "WEBHOOK_HANDLER_ID",
     "WEBHOOK_PORT",
     "env_name",
@@ -127,6 +132,17 @@ TRUST_DIR = "/var/run/kubemtls/trust"
 TOKEN_AUDIENCE = "kubemtls"
 TRUST_CA_FILE = "ca.crt"
 TRUST_CRL_FILE = "crl.pem"
+# kubemtls.io/upstream-ca: the named ConfigMap (key ca.crt) is mounted here, sidecar only.
+VOLUME_UPSTREAM_CA = "kubemtls-upstream-ca"
+UPSTREAM_CA_DIR = "/var/run/kubemtls/upstream-ca"
+UPSTREAM_CA_FILE = UPSTREAM_CA_DIR + "/ca.crt"
+# A small in-memory emptyDir: the sidecar's /tmp (its root filesystem is read-only) and
+# kubemtls-init's /run (iptables' xtables.lock).
+VOLUME_TMP = "kubemtls-tmp"
+# Transparent mode: kubelet's httpGet/tcpSocket probes of intercepted app ports are
+# rewritten to GET <ADMIN_PORT><APP_HEALTH_PREFIX><container>/<livez|readyz|startupz>;
+# the originals are in the sidecar's --app-probes (KUBEMTLS_APP_PROBES, JSON by path).
+APP_HEALTH_PREFIX = "/app-health/"
 
 # --- Settings ---------------------------------------------------------------------------
 SIDECAR_ENV_PREFIX = "KUBEMTLS_"

@@ -161,7 +161,8 @@ class SignerClient:
         try:
             token = self._token_file.read_text().strip()
         except OSError as e:
-            raise SignerError(None, "TokenUnavailable", f"cannot read {self._token_file}: {e}")
+            msg = f"cannot read {self._token_file}: {e.strerror or e}"
+            raise SignerError(None, "TokenUnavailable", msg) from None
         if not token:
             raise SignerError(None, "TokenUnavailable", f"{self._token_file} is empty")
         return token
@@ -173,9 +174,8 @@ class SignerClient:
             cafile = b""
         cadata = (cafile + b"\n" + self._learned_trust).decode("ascii", "replace").strip()
         if "-----BEGIN CERTIFICATE" not in cadata:
-            raise SignerError(
-                None, "TrustUnavailable", f"no CA certificate in {self._ca_file} to trust the signer"
-            )
+            msg = f"no CA certificate in {self._ca_file} to trust the signer"
+            raise SignerError(None, "TrustUnavailable", msg)
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=cadata)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         return ctx

@@ -1,0 +1,375 @@
+"""The CA lifecycle: load or bootstrap the CA Secret, roll it over, keep CRLs fresh.
+
+Durable state lives in the API, never in a replica's memory: the CA Secret (``tls.*``,
+``next.*``, ``prev.*``, ``ca.crt``) and the ``kubemtls-state`` ConfigMap (revocations, CRL
+numbers, rollover phase and timestamps). Every write is a create with a deterministic
+name (409 → someone else won, re-read) or a patch with a resourceVersion precondition
+(409 → re-read and decide again), so two replicas, or a restart mid-way, converge.
+
+:class:`Manager` keeps the last good :class:`rollover.Authority` for the signing API; when
+the CA is missing or invalid it keeps ``error`` instead (signing answers 503), posts an
+event, and retries with backoff. Decisions are in ``rollover`` and ``revocation`` (pure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import datetime
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from kubemtls_sidecar import certs, contract
+
+from kubemtls_operator import config, errors, kube, metrics, naming, pki, revocation, rollover
+
+__all__ = ["Manager"]
+
+logger = logging.getLogger(__name__)
+
+MAX_CONFLICT_RETRIES = 8
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _decode(secret: dict[str, Any]) -> dict[str, bytes]:
+    return {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()}
+
+
+def _encode(data: dict[str, bytes | None]) -> dict[str, str | None]:
+    return {k: (base64.b64encode(v).decode() if v is not None else None) for k, v in data.items()}
+
+
+@dataclasses.dataclass
+class Manager:
+    """The CA as this replica last read it, and the one place that changes it."""
+
+    client: kube.Client
+    cfg: config.Config
+    #: Issuer DNs of live certificates (from the MTLSCert index), for retiring an old CA.
+    live_issuers: Callable[[], frozenset[str]] = lambda: frozenset()
+    #: Called with the new authority whenever the bundle or the CRLs change.
+    on_change: Callable[[rollover.Authority], Awaitable[None]] | None = None
+    authority: rollover.Authority | None = None
+    error: errors.CAUnavailable | None = None
+    _lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    _published: tuple[bytes, bytes] = (b"", b"")
+    _reported: str = ""
+
+    # --- paths ------------------------------------------------------------------------------
+    @property
+    def _secret_path(self) -> str:
+        return kube.secret_path(self.cfg.namespace, self.cfg.ca_secret)
+
+    @property
+    def _state_path(self) -> str:
+        return kube.configmap_path(self.cfg.namespace, contract.STATE_CONFIGMAP)
+
+    # --- reading ----------------------------------------------------------------------------
+    async def _read_secret(self) -> dict[str, Any]:
+        secret = await self.client.get_or_none(self._secret_path)
+        if secret is not None:
+            return secret
+        if not self.cfg.ca_bootstrap:
+            raise errors.CAUnavailable(
+                f"the CA Secret {self.cfg.namespace}/{self.cfg.ca_secret} does not exist and "
+                "KUBEMTLS_OPERATOR_CA_BOOTSTRAP is false; create it with tls.crt and tls.key",
+                reason=naming.Reason.CA_SECRET_MISSING,
+            )
+        return await self._bootstrap()
+
+    async def _bootstrap(self) -> dict[str, Any]:
+        now = _now()
+        ca = pki.bootstrap_ca(now=now, common_name=f"kubemtls root CA {now:%Y%m%d%H%M%S}")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "Opaque",
+            "metadata": {
+                "name": self.cfg.ca_secret,
+                "namespace": self.cfg.namespace,
+                "labels": {"app.kubernetes.io/managed-by": naming.MANAGED_BY},
+            },
+            "data": _encode(
+                {
+                    naming.KEY_CERT: pki.cert_pem(ca.cert),
+                    naming.KEY_KEY: pki.key_pem(ca.key),
+                    naming.KEY_BUNDLE: pki.cert_pem(ca.cert),
+                }
+            ),
+        }
+        # A deterministic name: of two replicas bootstrapping at once, one create wins and
+        # the other gets 409 and reads the winner's CA.
+        secret, created = await self.client.create_or_get(
+            kube.secret_path(self.cfg.namespace), body
+        )
+        if created:
+            logger.warning(
+                "bootstrapped a self-signed root CA into %s/%s (serial %x): fine for trying "
+                "kubemtls, but production should bring its own CA (an intermediate of your PKI)",
+                self.cfg.namespace,
+                self.cfg.ca_secret,
+                ca.cert.serial_number,
+            )
+            await self._event(
+                "Warning",
+                naming.Reason.CA_BOOTSTRAPPED,
+                "bootstrapped a root CA; production should bring its own CA",
+            )
+        return secret
+
+    async def _read_state(self) -> tuple[revocation.State, str]:
+        body = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": contract.STATE_CONFIGMAP,
+                "namespace": self.cfg.namespace,
+                "labels": {"app.kubernetes.io/managed-by": naming.MANAGED_BY},
+            },
+            "data": {naming.KEY_STATE: revocation.State().to_json()},
+        }
+        cm = await self.client.get_or_none(self._state_path)
+        if cm is None:
+            cm, _ = await self.client.create_or_get(kube.configmap_path(self.cfg.namespace), body)
+        text = (cm.get("data") or {}).get(naming.KEY_STATE)
+        return revocation.State.from_json(text), cm["metadata"]["resourceVersion"]
+
+    async def _write_state(self, state: revocation.State, rv: str) -> None:
+        patch = {"metadata": {"resourceVersion": rv}, "data": {naming.KEY_STATE: state.to_json()}}
+        await self.client.merge_patch(self._state_path, patch)
+
+    async def _load(self) -> tuple[rollover.Authority, str, str]:
+        """(authority, secret resourceVersion, state resourceVersion).
+
+        Raises:
+            errors.CAUnavailable: no Secret (and no bootstrap), or an unusable CA in it.
+        """
+        secret = await self._read_secret()
+        state, state_rv = await self._read_state()
+        try:
+            auth = rollover.from_secret(_decode(secret), state, now=_now())
+        except pki.PKIError as e:
+            raise errors.CAUnavailable(
+                f"the CA in {self.cfg.namespace}/{self.cfg.ca_secret} cannot be used: {e}",
+                reason=naming.Reason.CA_INVALID,
+            ) from e
+        return auth, secret["metadata"]["resourceVersion"], state_rv
+
+    # --- the one entry point: read, take the due step, keep CRLs fresh, publish ----------
+    async def reconcile(self) -> rollover.Authority:
+        """Bring the CA and state up to date; returns the authority now in force.
+
+        Raises:
+            errors.CAUnavailable: the CA cannot be used (``self.error`` is set too).
+            errors.APIError: the API failed; the previous authority stays in force.
+        """
+        async with self._lock:
+            try:
+                auth = await self._reconcile_locked()
+            except errors.CAUnavailable as e:
+                self.error = e
+                if self._reported != str(e):
+                    self._reported = str(e)
+                    logger.error("%s", e)
+                    await self._event("Warning", e.reason, str(e))
+                metrics.CA_AVAILABLE.set(0)
+                raise
+            self.error = None
+            self._reported = ""
+            self.authority = auth
+            metrics.observe_authority(auth)
+        await self._publish(auth)
+        return auth
+
+    async def _reconcile_locked(self) -> rollover.Authority:
+        for _ in range(MAX_CONFLICT_RETRIES):
+            auth, secret_rv, state_rv = await self._load()
+            try:
+                changed = await self._step(auth, secret_rv, state_rv)
+                if not changed:
+                    changed = await self._refresh_crls(auth, state_rv)
+            except errors.Conflict:
+                continue  # another replica (or person) wrote first: read again and re-decide
+            if not changed:
+                return auth
+        raise errors.APIError("the CA state kept changing under us; will retry", delay=2.0)
+
+    async def _step(self, auth: rollover.Authority, secret_rv: str, state_rv: str) -> bool:
+        now = _now()
+        step = rollover.plan(
+            auth, now=now, grace=self.cfg.ca_rollover_grace, live_issuers=self.live_issuers()
+        )
+        ro = auth.state.rollover
+        if step.action == "generate":
+            nxt = pki.bootstrap_ca(now=now, common_name=f"kubemtls root CA {now:%Y%m%d%H%M%S}")
+            await self._patch_secret(
+                secret_rv,
+                {
+                    naming.KEY_NEXT_CERT: pki.cert_pem(nxt.cert),
+                    naming.KEY_NEXT_KEY: pki.key_pem(nxt.key),
+                },
+            )
+            await self._event(
+                "Normal",
+                naming.Reason.CA_NEXT_PUBLISHED,
+                f"generated the next CA {nxt.cert.subject.rfc4514_string()}: "
+                "the current one is in its last fifth of life",
+            )
+            return True
+        if step.action == "publish":
+            # Bundles first (every namespace), then the publication time: an unpublished CA
+            # never reaches "activate", whatever happens between the two writes.
+            await self._publish(auth, force=True)
+            await self._patch_secret(secret_rv, {naming.KEY_BUNDLE: auth.bundle_pem})
+            new = dataclasses.replace(
+                ro,
+                phase=revocation.PHASE_NEXT_PUBLISHED,
+                next_fingerprint=step.detail,
+                published_at=now,
+                activated_at=None,
+            )
+            await self._write_state(dataclasses.replace(auth.state, rollover=new), state_rv)
+            await self._event(
+                "Normal",
+                naming.Reason.CA_NEXT_PUBLISHED,
+                f"published the next CA ({step.detail}) in every trust bundle; "
+                f"it signs from {revocation.format_time(now + self.cfg.ca_rollover_grace)}",
+            )
+            return True
+        if step.action == "activate":
+            assert auth.next is not None
+            old, nxt = auth.signing, auth.next
+            await self._patch_secret(
+                secret_rv,
+                {
+                    naming.KEY_CERT: pki.cert_pem(nxt.cert, *nxt.chain),
+                    naming.KEY_KEY: pki.key_pem(nxt.key),
+                    naming.KEY_PREV_CERT: pki.cert_pem(old.cert, *old.chain),
+                    naming.KEY_PREV_KEY: pki.key_pem(old.key),
+                    naming.KEY_NEXT_CERT: None,
+                    naming.KEY_NEXT_KEY: None,
+                },
+            )
+            new = dataclasses.replace(
+                ro,
+                phase=revocation.PHASE_RETIRING,
+                activated_at=now,
+                retiring_fingerprint=certs.fingerprint_sha256(old.cert),
+            )
+            await self._write_state(dataclasses.replace(auth.state, rollover=new), state_rv)
+            await self._event(
+                "Normal",
+                naming.Reason.CA_ACTIVATED,
+                f"the CA {nxt.cert.subject.rfc4514_string()} signs now; "
+                f"{old.cert.subject.rfc4514_string()} stays trusted until its "
+                "certificates are replaced",
+            )
+            return True
+        if step.action == "retire":
+            assert auth.previous is not None
+            remaining = pki.trust_bundle(c.anchor for c in (auth.signing, auth.next) if c)
+            await self._patch_secret(
+                secret_rv,
+                {
+                    naming.KEY_PREV_CERT: None,
+                    naming.KEY_PREV_KEY: None,
+                    naming.KEY_BUNDLE: remaining,
+                },
+            )
+            new = revocation.Rollover(phase=revocation.PHASE_STABLE)
+            await self._write_state(dataclasses.replace(auth.state, rollover=new), state_rv)
+            await self._event(
+                "Normal",
+                naming.Reason.CA_RETIRED,
+                f"retired the CA {step.detail}: no live certificate chains to it",
+            )
+            return True
+        return False
+
+    async def _refresh_crls(self, auth: rollover.Authority, state_rv: str) -> bool:
+        now = _now()
+        if not revocation.needs_crl(auth.state, auth.cas, now):
+            return False
+        state = revocation.sign_crls(auth.state, auth.cas, now)
+        await self._write_state(state, state_rv)
+        logger.info("signed CRL number %d for %d CA(s)", state.crl_number, len(auth.cas))
+        return True
+
+    async def _patch_secret(self, rv: str, data: dict[str, bytes | None]) -> None:
+        patch = {"metadata": {"resourceVersion": rv}, "data": _encode(data)}
+        await self.client.merge_patch(self._secret_path, patch)
+
+    # --- revocation -------------------------------------------------------------------------
+    async def revoke(self, entry: revocation.Revocation) -> rollover.Authority:
+        """Record ``entry`` in the state (idempotent), re-sign the CRLs, publish.
+
+        Raises:
+            errors.CAUnavailable: no usable CA.
+            errors.APIError: the API failed (kopf retries; nothing is half-done that a retry
+                would duplicate).
+        """
+        async with self._lock:
+            for _ in range(MAX_CONFLICT_RETRIES):
+                auth, _, state_rv = await self._load()
+                state = revocation.add(auth.state, entry)
+                if revocation.needs_crl(state, auth.cas, _now()):
+                    state = revocation.sign_crls(state, auth.cas, _now())
+                if state == auth.state:
+                    break
+                try:
+                    await self._write_state(state, state_rv)
+                except errors.Conflict:
+                    continue
+                break
+            else:
+                raise errors.APIError("the CA state kept changing; will retry", delay=1.0)
+            auth, _, _ = await self._load()
+            self.authority = auth
+            metrics.observe_authority(auth)
+        await self._publish(auth)
+        return auth
+
+    # --- publishing and events -----------------------------------------------------------------
+    async def _publish(self, auth: rollover.Authority, *, force: bool = False) -> None:
+        key = (auth.bundle_pem, auth.crl_pem)
+        if self.on_change is None or (key == self._published and not force):
+            return
+        await self.on_change(auth)
+        self._published = key
+        if not self.cfg.webhook_managed:
+            await self._patch_webhook_bundle(auth)
+
+    async def _patch_webhook_bundle(self, auth: rollover.Authority) -> None:
+        b64 = base64.b64encode(auth.bundle_pem).decode()
+        try:
+            await self.client.patch_webhook_ca_bundle(self.cfg.webhook_config, b64)
+        except errors.APIError as e:
+            logger.warning("could not set caBundle on %s: %s", self.cfg.webhook_config, e)
+
+    async def _event(self, type_: str, reason: str, message: str) -> None:
+        ref = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": self.cfg.ca_secret, "namespace": self.cfg.namespace},
+        }
+        await self.client.post_event(ref, type_=type_, reason=reason, message=message)
+
+    # --- the loop ---------------------------------------------------------------------------------
+    async def run(self, interval: float) -> None:
+        """Reconcile every ``interval`` seconds; on failure back off (up to 5 minutes)."""
+        delay = interval
+        while True:
+            try:
+                await self.reconcile()
+                delay = interval
+            except (errors.CAUnavailable, errors.APIError) as e:
+                delay = min(max(delay * 2, 1.0), 300.0, max(interval * 8, 1.0))
+                logger.debug("CA reconcile failed (%s); again in %.1fs", e, delay)
+            except Exception:
+                logger.exception("CA reconcile crashed; again in %.1fs", delay)
+            await asyncio.sleep(delay)

@@ -1,0 +1,284 @@
+"""The demo's kubelet: runs a pod *as the API server returned it* (after the webhook).
+
+The point of the demo is to run what the webhook produced, so nothing here knows what the
+sidecar is: each container's own ``command``, ``args`` and ``env`` (with ``valueFrom``
+resolved like kubelet) become a process, native sidecars (init containers with
+``restartPolicy: Always``) start first and are waited for, and every volume is a host
+directory kept fresh by ``volumes``.
+
+With network namespaces, each container runs ``ip netns exec <pod> unshare --mount`` and
+bind-mounts its volumes at their ``mountPath`` inside its own mount namespace, so two pods
+never share ``/var/run/secrets/kubemtls/token``. On loopback (no root), mount paths are
+rewritten to the host directories and each pod port is remapped to a free loopback port
+(``Remap``), which is the one documented difference from a cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import pathlib
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from typing import Any
+
+from kubemtls_operator.demo import kubeapi, netns, volumes
+
+__all__ = ["PodRunner", "Remap", "free_port", "kill_group"]
+
+JSON = dict[str, Any]
+_VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+_PORT = re.compile(r"(?<![\d.])(\d{2,5})(?![\d.])")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def kill_group(proc: subprocess.Popen[bytes], grace: float = 3.0) -> None:
+    """SIGTERM the process group, then SIGKILL it after ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@dataclasses.dataclass
+class Remap:
+    """Loopback mode: pod ports → free host ports, ``host:port`` upstreams → local ones."""
+
+    ports: dict[int, int] = dataclasses.field(default_factory=dict)
+    upstreams: dict[str, str] = dataclasses.field(default_factory=dict)
+    paths: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def apply(self, text: str) -> str:
+        for upstream, local in self.upstreams.items():
+            text = text.replace(upstream, local)
+        for mount, host in sorted(self.paths.items(), key=lambda kv: -len(kv[0])):
+            text = text.replace(mount, host)
+        return _PORT.sub(lambda m: str(self.ports.get(int(m.group(1)), m.group(1))), text)
+
+
+@dataclasses.dataclass
+class Container:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: pathlib.Path
+
+
+class PodRunner:
+    """One running pod: ``start()`` → processes up and probes passing; ``stop()``."""
+
+    def __init__(
+        self,
+        api: kubeapi.KubeAPI,
+        pod: JSON,
+        workdir: pathlib.Path,
+        *,
+        net: netns.PodNet | None,
+        remap: Remap | None = None,
+        refresh: float = 1.0,
+    ) -> None:
+        self.api, self.pod, self.net = api, pod, net
+        self.name = str(pod["metadata"]["name"])
+        self.dir = workdir / "pods" / self.name
+        self.remap = remap or Remap()
+        self.refresh = refresh
+        self.containers: dict[str, Container] = {}
+        self.volumes = {
+            v["name"]: volumes.Volume(v["name"], self.dir / "volumes" / v["name"], v)
+            for v in pod["spec"].get("volumes", [])
+        }
+        self.created_dirs: list[pathlib.Path] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def ip(self) -> str:
+        return self.net.ip if self.net else "127.0.0.1"
+
+    def log_of(self, container: str) -> pathlib.Path:
+        return self.dir / f"{container}.log"
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Mount volumes, report the pod Running, start its containers in kubelet order.
+
+        Raises:
+            RuntimeError: a volume never became available, a container exited or a probe
+                did not pass within ``timeout``.
+        """
+        deadline = time.monotonic() + timeout
+        pending = dict(self.volumes)
+        while pending:
+            for name, vol in list(pending.items()):
+                vol.refresh(self.api, self.pod)
+                if (vol.host_dir / "..data").is_symlink() or "emptyDir" in vol.spec:
+                    del pending[name]
+            if pending and time.monotonic() > deadline:
+                raise RuntimeError(f"pod {self.name}: volumes {sorted(pending)} never appeared")
+            if pending:
+                time.sleep(0.2)
+        self._report_running()
+        self._thread = threading.Thread(target=self._refresh_loop, daemon=True, name=self.name)
+        self._thread.start()
+        spec = self.pod["spec"]
+        for c in spec.get("initContainers", []):
+            if c.get("restartPolicy") == "Always":
+                self._launch(c)
+                self._wait_probe(c, ("startupProbe", "readinessProbe"), deadline)
+            else:
+                self._launch(c)
+                self._wait_exit(c["name"], deadline)
+        for c in spec.get("containers", []):
+            self._launch(c)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for container in reversed(list(self.containers.values())):
+            kill_group(container.proc)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        for d in reversed(self.created_dirs):
+            with contextlib.suppress(OSError):  # not empty: not ours to remove
+                d.rmdir()
+
+    def alive(self) -> dict[str, bool]:
+        return {n: c.proc.poll() is None for n, c in self.containers.items()}
+
+    # --- containers -------------------------------------------------------------------------
+
+    def env_of(self, container: JSON) -> dict[str, str]:
+        """The container's environment, resolved as kubelet does (``$(VAR)`` included)."""
+        env: dict[str, str] = {}
+        for item in container.get("env", []):
+            if "value" in item:
+                value = _VAR.sub(lambda m: env.get(m.group(1), m.group(0)), str(item["value"]))
+            elif "fieldRef" in item.get("valueFrom", {}):
+                value = volumes.field_ref(self.pod, item["valueFrom"]["fieldRef"]["fieldPath"])
+            else:
+                raise ValueError(f"the demo kubelet does not support env {item}")
+            env[item["name"]] = value
+        return env
+
+    def _launch(self, c: JSON) -> None:
+        env = {k: self.remap.apply(v) for k, v in self.env_of(c).items()}
+        argv = [*c.get("command", []), *c.get("args", [])]
+        if not argv:
+            raise RuntimeError(f"pod {self.name}: container {c['name']} has no command")
+        argv = [_VAR.sub(lambda m: env.get(m.group(1), m.group(0)), a) for a in argv]
+        argv = [self.remap.apply(a) for a in argv]
+        bindir = str(pathlib.Path(sys.executable).parent)
+        env.setdefault("PATH", bindir + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin"))
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env.setdefault("HOME", "/tmp")  # noqa: S108 (a container's default HOME)
+        env.setdefault("LANG", "C.UTF-8")
+        if self.net is not None:
+            argv = self._in_namespaces(c, argv)
+        log = self.log_of(c["name"])
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                argv,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=c.get("workingDir") or "/",
+            )
+        self.containers[c["name"]] = Container(c["name"], proc, log)
+
+    def _in_namespaces(self, c: JSON, argv: list[str]) -> list[str]:
+        """Wrap argv: the pod's network namespace, a private mount namespace, its mounts."""
+        assert self.net is not None
+        script = []
+        for mount in c.get("volumeMounts", []):
+            target = pathlib.Path(mount["mountPath"])
+            self._make_mount_point(target)
+            source = self.volumes[mount["name"]].host_dir
+            script.append(f"mount --bind {shlex.quote(str(source))} {shlex.quote(str(target))}")
+            if mount.get("readOnly"):
+                script.append(f"mount -o remount,bind,ro {shlex.quote(str(target))}")
+        script.append('exec "$@"')
+        return [
+            *self.net.exec_prefix(), "unshare", "--mount", "--propagation", "private",
+            "sh", "-ec", " && ".join(script), "sh", *argv,
+        ]  # fmt: skip
+
+    def _make_mount_point(self, target: pathlib.Path) -> None:
+        missing = []
+        for p in [target, *target.parents]:
+            if p.exists():
+                break
+            missing.append(p)
+        for p in reversed(missing):
+            p.mkdir()
+            self.created_dirs.append(p)
+
+    def _wait_exit(self, name: str, deadline: float) -> None:
+        proc = self.containers[name].proc
+        rc = proc.wait(max(0.1, deadline - time.monotonic()))
+        if rc != 0:
+            raise RuntimeError(f"pod {self.name}: init container {name} exited {rc}")
+
+    def _wait_probe(self, c: JSON, kinds: tuple[str, ...], deadline: float) -> None:
+        probe = next((c[k] for k in kinds if k in c), None)
+        if probe is None or "httpGet" not in probe:
+            return
+        get = probe["httpGet"]
+        port = int(get["port"]) if str(get["port"]).isdigit() else 0
+        port = self.remap.ports.get(port, port)
+        url = f"http://{self.ip}:{port}{get.get('path', '/')}"
+        while time.monotonic() < deadline:
+            if self.containers[c["name"]].proc.poll() is not None:
+                raise RuntimeError(
+                    f"pod {self.name}: {c['name']} exited; see {self.log_of(c['name'])}"
+                )
+            try:
+                with urllib.request.urlopen(url, timeout=1) as rsp:
+                    if rsp.status < 400:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"pod {self.name}: {c['name']} not ready at {url}")
+
+    # --- kubelet duties -----------------------------------------------------------------------
+
+    def _report_running(self) -> None:
+        status = {
+            "phase": "Running",
+            "podIP": self.ip,
+            "podIPs": [{"ip": self.ip}],
+            "hostIP": "127.0.0.1",
+            "conditions": [{"type": "Ready", "status": "True"}],
+        }
+        meta = self.pod["metadata"]
+        path = kubeapi.pod_path(meta["namespace"], meta["name"]) + "/status"
+        try:
+            self.pod = self.api.merge_patch(path, {"status": status})
+        except kubeapi.APIError:
+            self.pod.setdefault("status", {}).update(status)
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.wait(self.refresh):
+            for vol in self.volumes.values():
+                with contextlib.suppress(kubeapi.APIError, OSError):  # kubelet retries; so do we
+                    vol.refresh(self.api, self.pod)

@@ -1,0 +1,347 @@
+"""The demo's scenes, each an observation with a verdict: nothing passes that was not seen.
+
+Every scene reads its evidence from the outside, as a person would: the app's own output
+(one JSON line per request), the EHR's record of each handshake (the identity it verified,
+or the TLS alert it sent), the MTLSCert objects and the CRL the operator published.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import ssl
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
+from kubemtls_sidecar import certs, contract
+
+from kubemtls_operator import pki
+from kubemtls_operator.demo import kubeapi, pods, report, stage, table
+
+__all__ = ["NAMES", "AppLog", "crl_lists", "play"]
+
+JSON = dict[str, Any]
+NAMES = ("mtlscerts", "request", "no-sidecar", "file-identity", "renewal", "revocation")
+REVOKE_REASON = "keyCompromise"
+
+
+def spiffe(sa: str) -> str:
+    return certs.spiffe_id("cluster.local", stage.NAMESPACE, sa)
+
+
+class AppLog:
+    """The ehr-client app's JSON lines (one per request), read incrementally."""
+
+    def __init__(self, path: Any) -> None:
+        self.path, self.offset = path, 0
+        self.lines: list[JSON] = []
+        self._partial = ""
+
+    def poll(self) -> list[JSON]:
+        try:
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                f.seek(self.offset)
+                text = f.read()
+                self.offset = f.tell()
+        except FileNotFoundError:
+            return self.lines
+        text, self._partial = self._partial + text, ""
+        parts = text.split("\n")
+        self._partial = parts.pop()
+        for line in parts:
+            if line.startswith("{"):
+                self.lines.append(json.loads(line))
+        return self.lines
+
+    def wait(self, pred: Callable[[JSON], bool], timeout: float, start: int = 0) -> JSON | None:
+        """The first line from index ``start`` on that matches, waiting up to ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.poll()[start:]:
+                if pred(line):
+                    return line
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.1)
+
+    def last_ok(self) -> JSON | None:
+        return next((x for x in reversed(self.poll()) if x.get("ok")), None)
+
+
+def crl_lists(crl_pem: bytes, serial_hex: str) -> bool:
+    """Whether any CRL in ``crl_pem`` lists this serial."""
+    blocks = crl_pem.split(b"-----END X509 CRL-----")
+    for block in blocks:
+        if b"-----BEGIN X509 CRL-----" not in block:
+            continue
+        crl = x509.load_pem_x509_crl(block + b"-----END X509 CRL-----\n")
+        if crl.get_revoked_certificate_by_serial_number(int(serial_hex, 16)) is not None:
+            return True
+    return False
+
+
+def _mtlscert(st: stage.Stage, name: str) -> JSON | None:
+    return st.api.get_or_none(kubeapi.mtlscert_path(stage.NAMESPACE, name))
+
+
+def _revoke(st: stage.Stage, name: str) -> None:
+    """``kubectl annotate mtlscert NAME kubemtls.io/revoke=keyCompromise``."""
+    patch = {"metadata": {"annotations": {contract.ANN_REVOKE: REVOKE_REASON}}}
+    st.api.merge_patch(kubeapi.mtlscert_path(stage.NAMESPACE, name), patch)
+
+
+def _until(pred: Callable[[], Any], timeout: float, step: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(step)
+
+
+def _short(serial: str) -> str:
+    return serial[:10] + "…" if len(serial) > 12 else serial
+
+
+# --- the scenes --------------------------------------------------------------------------
+
+
+def scene_mtlscerts(n: report.Narrator, st: stage.Stage, app: AppLog) -> report.Scene:
+    def ready() -> bool:
+        objs = [_mtlscert(st, p) for p in ("ehr-client", "peer-api")]
+        return all(o and (o.get("status") or {}).get("serial") for o in objs)
+
+    ok = _until(ready, 20)
+    n.say("kubectl", f"$ kubectl get mtlscerts -n {stage.NAMESPACE}")
+    n.block(table.get_mtlscerts(st.api, st.cluster.kubeconfig, stage.NAMESPACE))
+    if not ok:
+        return report.Scene("mtlscerts", "fail", "ehr-client / peer-api have no issued serial")
+    return report.Scene("mtlscerts", "pass", "one MTLSCert per pod, issued by the operator")
+
+
+def scene_request(n: report.Narrator, st: stage.Stage, app: AppLog) -> report.Scene:
+    line = app.wait(lambda x: bool(x.get("ok")), 20)
+    if line is None:
+        err = next((x.get("error") for x in reversed(app.poll())), "no output")
+        return report.Scene("request", "fail", f"the app got no answer from the EHR: {err}")
+    want = spiffe("ehr-client")
+    status = "pass" if line.get("identity") == want else "fail"
+    return report.Scene(
+        "request", status,
+        f"fhirclient read Patient/123 from http://127.0.0.1:15001/fhir → \"{line['patient']}\";"
+        f" the EHR saw {line.get('identity')} (serial {_short(str(line.get('serial')))})",
+        {"identity": line.get("identity"), "serial": line.get("serial")},
+    )  # fmt: skip
+
+
+def scene_no_sidecar(n: report.Narrator, st: stage.Stage, app: AppLog) -> report.Scene:
+    assert st.ehr is not None
+    host = stage.EHR_HOST if st.net else f"127.0.0.1:{st.ehr.port}"
+    url = f"https://{host}/fhir/Patient/123"
+    mark = time.monotonic()
+    answer = st.in_pod("ehr-client", [
+        sys.executable, "-m", "kubemtls_operator.demo.apps", "get", url,
+        "--ca-file", str(st.workdir / "ehr" / "partner-ca.crt"),
+    ])  # fmt: skip
+    refusals = [e for e in st.ehr.events if e.at >= mark and not e.ok]
+    alert = refusals[0].alert if refusals else ""
+    ok = not answer.get("ok") and alert == "certificate_required"
+    seen = answer.get("reason") or answer.get("error", "")
+    return report.Scene(
+        "no-sidecar", "pass" if ok else "fail",
+        f"the same pod calling {url} directly (no sidecar, no client cert) → refused: "
+        f"the EHR sent TLS alert {alert or '(none)'} (client saw {seen})",
+        {"alert": alert, "client": seen},
+    )  # fmt: skip
+
+
+def scene_renewal(n: report.Narrator, st: stage.Stage, app: AppLog) -> report.Scene:
+    start = len(app.poll())
+    first = app.last_ok()
+    if first is None:
+        return report.Scene("renewal", "skip", "the app has no successful request to start from")
+    before = str(first["serial"])
+    obj = _mtlscert(st, "ehr-client") or {}
+    renews = (obj.get("status") or {}).get("renewalTime", "?")
+    n.say("renewal", f"ehr-client's 2m certificate {_short(before)} renews at {renews}; "
+          "the app keeps calling the EHR meanwhile")  # fmt: skip
+    changed = app.wait(lambda x: bool(x.get("ok")) and x.get("serial") != before, 90, start)
+    if changed is None:
+        return report.Scene("renewal", "fail", f"serial {_short(before)} was not renewed in 90s")
+    time.sleep(1.0)
+    window = app.poll()[start:]
+    failed = [x for x in window if not x.get("ok")]
+    after = str(changed["serial"])
+    return report.Scene(
+        "renewal", "pass" if not failed else "fail",
+        f"serial {_short(before)} → {_short(after)} under traffic: "
+        f"{len(window)} requests, {len(failed)} failed",
+        {"before": before, "after": after, "requests": len(window), "failed": len(failed),
+         "errors": [x.get("error") for x in failed[:3]]},
+    )  # fmt: skip
+
+
+def scene_revocation(n: report.Narrator, st: stage.Stage, app: AppLog) -> report.Scene:
+    start = len(app.poll())
+    first = app.last_ok()
+    if first is None:
+        return report.Scene("revocation", "skip", "the app has no successful request")
+    revoked = str(first["serial"])
+    n.say("revoke", f"$ kubectl annotate mtlscert ehr-client {contract.ANN_REVOKE}="
+          f"{REVOKE_REASON}   (serial {_short(revoked)})")  # fmt: skip
+    _revoke(st, "ehr-client")
+    changed = app.wait(lambda x: bool(x.get("ok")) and x.get("serial") != revoked, 60, start)
+    recorded = _until(lambda: revoked in _revoked_serials(st, "ehr-client"), 10)
+    trust = st.trust_pem()
+    listed = trust is not None and crl_lists(trust[1], revoked)
+    if changed is None:
+        return report.Scene(
+            "revocation",
+            "fail",
+            f"ehr-client did not re-key within 60s "
+            f"(recorded in status: {bool(recorded)}, in CRL: {listed})",
+        )
+    time.sleep(1.0)
+    window = app.poll()[start:]
+    failed = [x for x in window if not x.get("ok")]
+    ok = not failed and bool(recorded) and listed
+    return report.Scene(
+        "revocation", "pass" if ok else "fail",
+        f"{_short(revoked)} revoked ({REVOKE_REASON}, in the CRL: {listed}) → the sidecar "
+        f"re-keyed to {_short(str(changed['serial']))}: {len(window)} requests, "
+        f"{len(failed)} failed",
+        {"revoked": revoked, "after": changed["serial"], "in_crl": listed,
+         "recorded": bool(recorded), "requests": len(window), "failed": len(failed),
+         "errors": [x.get("error") for x in failed[:3]]},
+    )  # fmt: skip
+
+
+def _revoked_serials(st: stage.Stage, name: str) -> list[str]:
+    obj = _mtlscert(st, name) or {}
+    return [str(r.get("serial", "")) for r in (obj.get("status") or {}).get("revocations", [])]
+
+
+def scene_file_identity(n: report.Narrator, st: stage.Stage, app: AppLog) -> report.Scene:
+    assert st.ehr is not None
+    serial, get = _start_file_sidecar(st)
+    before = get()
+    if not before.get("ok"):
+        return report.Scene(
+            "file-identity", "fail", f"the file-based identity could not reach the EHR: {before}"
+        )
+    n.say("revoke", f"batch-export's file-based certificate {_short(serial)} reached the EHR as "
+          f"{before.get('identity')}; $ kubectl annotate mtlscert batch-export "
+          f"{contract.ANN_REVOKE}={REVOKE_REASON}")  # fmt: skip
+    mark = time.monotonic()
+    _revoke(st, "batch-export")
+
+    def refused() -> str:
+        if get().get("ok"):
+            return ""
+        alerts = [e.alert for e in st.ehr.events if e.at >= mark and not e.ok] if st.ehr else []
+        return alerts[-1] if alerts else ""
+
+    alert = _until(refused, 30, step=0.5) or ""
+    ok = alert == "certificate_revoked"
+    return report.Scene(
+        "file-identity", "pass" if ok else "fail",
+        f"the same certificate after revocation → refused: the EHR sent TLS alert "
+        f"{alert or '(none within 30s)'} (a file cannot re-key)",
+        {"serial": serial, "identity": before.get("identity"), "alert": alert},
+    )  # fmt: skip
+
+
+def _start_file_sidecar(st: stage.Stage) -> tuple[str, Callable[[], JSON]]:
+    """Issue batch-export's certificate into files and run ``kubemtls-sidecar --cert-dir``."""
+    assert st.ehr is not None
+    pod = st.api.get(kubeapi.pod_path(stage.NAMESPACE, "batch-export"))
+    body = {"spec": {"audiences": [contract.TOKEN_AUDIENCE], "expirationSeconds": 600,
+                     "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": "batch-export",
+                                        "uid": pod["metadata"]["uid"]}}}  # fmt: skip
+    sa_path = f"/api/v1/namespaces/{stage.NAMESPACE}/serviceaccounts/batch-export/token"
+    token = st.api.create(sa_path, body)["status"]["token"]
+    key = pki.generate_key("ecdsa-p256")
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "batch-export")]))
+        .sign(key, hashes.SHA256())
+    )
+    ca = st.cluster.ca_pem() or b""
+    req = urllib.request.Request(  # noqa: S310 (the operator's signing API)
+        st.cluster.signer_url + "/v1/certificates", method="POST",
+        data=json.dumps({"csr": csr.public_bytes(serialization.Encoding.PEM).decode()}).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )  # fmt: skip
+    ctx = ssl.create_default_context(cadata=ca.decode())
+    with urllib.request.urlopen(req, context=ctx, timeout=10) as rsp:  # noqa: S310
+        issued = json.loads(rsp.read())
+    d = st.workdir / "batch-export"
+    (d / "certs").mkdir(parents=True, exist_ok=True)
+    (d / "trust").mkdir(exist_ok=True)
+    (d / "certs" / "tls.crt").write_text(issued["certificateChain"])
+    (d / "certs" / "tls.key").touch(0o600)
+    (d / "certs" / "tls.key").write_bytes(pki.key_pem(key))
+    (d / "trust" / "ca.crt").write_text(issued["trustBundle"])
+    (d / "trust" / "crl.pem").write_text(issued.get("crl", ""))
+    leaf = certs.load_pem_certificates(issued["certificateChain"].encode())[0]
+    serial = certs.facts(leaf).serial
+
+    net = st.net.add_pod("batch-export") if st.net else None
+    local = 15001 if net else pods.free_port()
+    admin = contract.ADMIN_PORT if net else pods.free_port()
+    upstream = f"{stage.EHR_HOST}:443" if net else f"127.0.0.1:{st.ehr.port}"
+    sidecar = str(_bindir() / "kubemtls-sidecar")
+    argv = [sidecar, "--cert-dir", str(d / "certs"), "--trust-dir", str(d / "trust"),
+            "--outbound", f"{local}={upstream}", "--admin-port", str(admin),
+            "--upstream-ca", str(st.workdir / "ehr" / "partner-ca.crt"),
+            "--reload-interval", "1", "--log-format", "text"]  # fmt: skip
+    env = {"PATH": str(_bindir()) + ":/usr/bin:/bin", "HOME": "/tmp", "PYTHONUNBUFFERED": "1"}  # noqa: S108
+    st.spawn("batch-export-sidecar", argv, env, "batch-export" if net else None)
+    ip = net.ip if net else "127.0.0.1"
+    if not _until(lambda: _http_ok(f"http://{ip}:{admin}/readyz"), 15):
+        raise RuntimeError(
+            "the file-based sidecar did not become ready; see "
+            f"{st.workdir / 'logs' / 'batch-export-sidecar.log'}"
+        )
+    url = f"http://127.0.0.1:{local}/fhir/Patient/123"
+    pod_name = "batch-export" if net else None
+    cmd = [sys.executable, "-m", "kubemtls_operator.demo.apps", "get", url]
+    return serial, lambda: st.in_pod(pod_name, cmd)
+
+
+def _bindir() -> pathlib.Path:
+    return pathlib.Path(sys.executable).parent
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as rsp:  # noqa: S310
+            return bool(rsp.status < 400)
+    except OSError:
+        return False
+
+
+SCENES = (scene_mtlscerts, scene_request, scene_no_sidecar, scene_file_identity,
+          scene_renewal, scene_revocation)  # fmt: skip
+
+
+def play(n: report.Narrator, st: stage.Stage) -> None:
+    """Play every scene in order; a scene that raises is a failure, the rest still run."""
+    app = AppLog(st.pods["ehr-client"].log_of("app"))
+    for fn, name in zip(SCENES, NAMES, strict=True):
+        try:
+            scene = fn(n, st, app)
+        except Exception as e:
+            scene = report.Scene(name, "fail", f"{type(e).__name__}: {e}")
+        n.scene(scene)
+
+
+def skip_all(n: report.Narrator, reason: str) -> None:
+    for name in NAMES:
+        n.scene(report.Scene(name, "skip", reason))

@@ -1,0 +1,52 @@
+"""The mutating admission webhook: kopf glue around :mod:`kubemtls_operator.injection`.
+
+kopf serves this handler at ``/inject`` (its id). It decides, then either refuses the pod
+with a message saying how to fix its annotations, or appends the pure, idempotent
+:func:`injection.inject_sidecar` to ``patch.fns`` so kopf diffs it into the JSON Patch.
+It makes no API call (``sideEffects: None``): at CREATE the pod does not exist yet, so
+nothing can be posted about it; the reason is logged, and the operator's pod handlers post
+the Event once the pod exists.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import kopf
+from kubemtls_operator import injection
+from kubemtls_sidecar import contract
+
+__all__ = ["pod_inject"]
+
+
+@kopf.on.mutate(
+    "v1",
+    "pods",
+    id=contract.WEBHOOK_HANDLER_ID,
+    operations={"CREATE"},
+    side_effects=False,
+    ignore_failures=True,  # DESIGN.md: failurePolicy Ignore; the operator catches misses
+)
+def pod_inject(
+    body: kopf.Body,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+    warnings: list[str],
+    **_: Any,
+) -> None:
+    """Inject the sidecar into an opted-in pod, or refuse it with every problem listed."""
+    settings = injection.InjectionSettings.from_config(memo.config)
+    decision = injection.decide(body, settings)
+    if decision.action == "deny":
+        logger.warning(f"Refused ({decision.reason}): {decision.message}")
+        raise kopf.AdmissionError(decision.message, code=decision.status_code)
+    if decision.action == "skip" or decision.spec is None:
+        logger.debug(f"Not injecting ({decision.reason}): {decision.message}")
+        return
+    warnings.extend(decision.warnings)
+    logger.info(f"Injecting {contract.SIDECAR_CONTAINER_NAME} ({decision.reason}).")
+    patch.fns.append(
+        functools.partial(injection.inject_sidecar, spec=decision.spec, settings=settings)
+    )

@@ -1,0 +1,60 @@
+"""Startup and cleanup: settings, the API client, the CA, the servers → ``memo``.
+
+The config object goes to ``memo.config`` (the webhook handler reads it), every
+long-lived part to ``memo.runtime`` (``wiring.Runtime``). Peering: standalone unless
+PEERING names a peering object; each replica takes a random priority, since kopf freezes
+replicas of equal priority and has no leader election.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import kopf
+
+from kubemtls_operator import admissionserver, config, kube, wiring
+
+__all__ = ["operator_cleanup", "operator_startup"]
+
+
+@kopf.on.startup(backoff=2.0)
+async def operator_startup(
+    settings: kopf.OperatorSettings,
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+    pod_index: kopf.Index[Any, Any],
+    mtlscert_index: kopf.Index[Any, Any],
+    **_: Any,
+) -> None:
+    cfg = memo.get("config") or config.from_environ()  # __main__ passes flags in memo
+    memo.config = cfg
+    settings.peering.name = cfg.peering or settings.peering.name
+    settings.peering.standalone = not cfg.peering
+    settings.peering.priority = random.randint(1, 2**31)  # noqa: S311 - not a secret
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    client = kube.Client.from_login(settings, logger)
+    rt = await wiring.start(cfg, pods=pod_index, certs=mtlscert_index, client=client)
+    memo.runtime = rt
+    settings.admission.server = admissionserver.WebhookServer(
+        addr=cfg.bind_address,
+        port=cfg.webhook_port,
+        host=rt.serving.host,
+        certfile=str(rt.serving.certfile),
+        pkeyfile=str(rt.serving.keyfile),
+        cafile=str(rt.serving.cafile),
+    )
+    if cfg.webhook_managed:
+        settings.admission.managed = cfg.webhook_config
+    logger.info(
+        f"kubemtls operator started (signer on :{cfg.signer_port}, webhook on :{cfg.webhook_port})"
+    )
+
+
+@kopf.on.cleanup()
+async def operator_cleanup(memo: kopf.Memo, **_: Any) -> None:
+    rt = memo.get("runtime")
+    if rt is not None:
+        await rt.stop()

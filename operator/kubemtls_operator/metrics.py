@@ -1,0 +1,82 @@
+"""The operator's Prometheus metrics (served on METRICS_PORT at ``/metrics``).
+
+Names are part of the public interface (the chart ships alert rules on them). Metric
+objects are module-level, as prometheus-client intends: one registry per process.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import prometheus_client as prom
+
+if TYPE_CHECKING:
+    from kubemtls_operator import rollover
+
+__all__ = [
+    "CA_AVAILABLE",
+    "CA_EXPIRY",
+    "CA_ROLLOVER_PHASE",
+    "CERT_EXPIRY",
+    "ISSUED",
+    "REFUSED",
+    "REVOKED",
+    "SIGNING_LATENCY",
+    "forget_cert",
+    "observe_authority",
+    "render",
+]
+
+ISSUED = prom.Counter("kubemtls_certificates_issued", "Leaf certificates signed", ["namespace"])
+REFUSED = prom.Counter(
+    "kubemtls_signing_refusals", "Signing API requests refused, by reason", ["reason"]
+)
+REVOKED = prom.Counter("kubemtls_certificates_revoked", "Certificates revoked", ["reason"])
+SIGNING_LATENCY = prom.Histogram(
+    "kubemtls_signing_duration_seconds",
+    "Time to answer POST /v1/certificates",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+CERT_EXPIRY = prom.Gauge(
+    "kubemtls_certificate_expiry_timestamp_seconds",
+    "notAfter of each pod's current certificate",
+    ["namespace", "name"],
+)
+CA_EXPIRY = prom.Gauge(
+    "kubemtls_ca_expiry_timestamp_seconds", "notAfter of each trusted CA", ["role", "subject"]
+)
+CA_AVAILABLE = prom.Gauge("kubemtls_ca_available", "1 when a usable CA signs, 0 otherwise")
+CA_ROLLOVER_PHASE = prom.Gauge(
+    "kubemtls_ca_rollover_phase", "CA rollover phase (1 for the current one)", ["phase"]
+)
+CRL_NUMBER = prom.Gauge("kubemtls_crl_number", "The CRL number last published")
+
+_PHASES = ("Stable", "NextPublished", "Retiring")
+
+
+def observe_authority(auth: rollover.Authority) -> None:
+    """Refresh the CA gauges from ``auth``."""
+    from kubemtls_operator import rollover
+
+    CA_AVAILABLE.set(1)
+    CA_EXPIRY.clear()
+    for role, ca in (("signing", auth.signing), ("next", auth.next), ("previous", auth.previous)):
+        if ca is not None:
+            subject = ca.cert.subject.rfc4514_string()
+            CA_EXPIRY.labels(role, subject).set(ca.cert.not_valid_after_utc.timestamp())
+    phase = rollover.phase_of(auth)
+    for p in _PHASES:
+        CA_ROLLOVER_PHASE.labels(p).set(1 if p == phase else 0)
+    CRL_NUMBER.set(auth.state.crl_number)
+
+
+def forget_cert(namespace: str, name: str) -> None:
+    try:
+        CERT_EXPIRY.remove(namespace, name)
+    except KeyError:
+        pass
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text and its content type."""
+    return prom.generate_latest(prom.REGISTRY), prom.CONTENT_TYPE_LATEST

@@ -1,0 +1,272 @@
+"""The signing API (DESIGN.md §Signing API): CSR + the pod's bound token → its certificate.
+
+``POST /v1/certificates`` and ``GET /v1/trust`` over HTTPS. Authentication is the pod's
+projected token (TokenReview, audience ``kubemtls``, cached); the pod comes from the kopf
+index; the leaf's identity comes from the pod, never from the CSR. The status write is
+queued to the :class:`recorder.Recorder` after the answer is built, so the hot path makes
+no API call at all when the token is cached and the pod is indexed.
+
+Every refusal is JSON ``{"reason": "<CamelCase>", "message": "<sentence>"}``, logged with
+the pod and the reason, and counted in ``kubemtls_signing_refusals_total{reason}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import time
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from kubemtls_sidecar import certs
+
+from kubemtls_operator import (
+    annotations,
+    ca,
+    config,
+    errors,
+    metrics,
+    pki,
+    recorder,
+    revocation,
+    rollover,
+    status,
+    tokens,
+    workload,
+)
+
+__all__ = ["MAX_BODY", "Signer"]
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY = 64 * 1024
+SIGNER_KEY = web.AppKey("signer", "Signer")
+
+Refused = errors.SigningRefused
+
+
+def _json(
+    status_: int, payload: dict[str, Any], headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        status=status_,
+        body=json.dumps(payload).encode(),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+@web.middleware
+async def _refusals(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except Refused as e:
+        who = request.get("pod", "-")
+        logger.warning(
+            "refused %s %s for pod %s: %s (%s)",
+            request.method,
+            request.path,
+            who,
+            e.reason,
+            e.message,
+        )
+        metrics.REFUSED.labels(e.reason).inc()
+        return _json(e.status, {"reason": e.reason, "message": e.message})
+
+
+@dataclasses.dataclass
+class Signer:
+    cfg: config.Config
+    cas: ca.Manager
+    reviewer: tokens.Reviewer
+    recorder: recorder.Recorder
+    #: (namespace, name) → the pod's facts, from the kopf index (or the API on a miss).
+    lookup_pod: Callable[[str, str], Awaitable[workload.PodFacts | None]]
+    #: (namespace, name) → what the MTLSCert's status says (the kopf index).
+    cert_status: Callable[[str, str], status.CertView | None]
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[_refusals])
+        app[SIGNER_KEY] = self
+        app.router.add_post("/v1/certificates", self.post_certificate)
+        app.router.add_get("/v1/trust", self.get_trust)
+        return app
+
+    # --- the checks both endpoints make ----------------------------------------------------
+    async def _pod(self, request: web.Request) -> workload.PodFacts:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Refused(
+                401,
+                "TokenMissing",
+                "send the pod's projected token as 'Authorization: Bearer <token>'",
+            )
+        ident = await self.reviewer.identify(token.strip())
+        request["pod"] = f"{ident.namespace}/{ident.pod_name}"
+        pod = await self.lookup_pod(ident.namespace, ident.pod_name)
+        if pod is None or pod.deleting:
+            raise Refused(
+                403,
+                "PodNotFound",
+                f"pod {ident.namespace}/{ident.pod_name} does not exist (any more)",
+            )
+        if pod.uid != ident.pod_uid:
+            raise Refused(
+                403,
+                "PodUIDMismatch",
+                f"the token names pod UID {ident.pod_uid}, but {ident.namespace}/{ident.pod_name} is {pod.uid}",
+            )
+        if not pod.opted_in:
+            raise Refused(
+                403,
+                "PodNotOptedIn",
+                f'pod {ident.namespace}/{ident.pod_name} has no kubemtls.io/inject: "true"',
+            )
+        if pod.service_account != ident.service_account:
+            raise Refused(
+                403, "ServiceAccountMismatch", "the token's service account is not the pod's"
+            )
+        return pod
+
+    def _authority(self) -> rollover.Authority:
+        auth = self.cas.authority
+        if auth is None or self.cas.error is not None:
+            why = str(self.cas.error) if self.cas.error else "the CA has not been loaded yet"
+            raise Refused(503, "CAUnavailable", f"no CA can sign right now: {why}")
+        return auth
+
+    # --- POST /v1/certificates ----------------------------------------------------------------
+    async def post_certificate(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        if (request.content_length or 0) > MAX_BODY:
+            raise Refused(413, "BodyTooLarge", f"the request body is larger than {MAX_BODY} bytes")
+        pod = await self._pod(request)
+        csr_pem = await self._csr(request)
+        try:
+            spec = workload.spec_of(pod, self.cfg)
+            identity = workload.leaf_identity(pod, spec, self.cfg)
+        except (annotations.AnnotationError, ValueError) as e:
+            raise Refused(
+                403, "InvalidAnnotations", f"the pod's kubemtls annotations are not valid: {e}"
+            ) from e
+        try:
+            csr = pki.load_csr(csr_pem)
+        except pki.CSRWeakKey as e:
+            raise Refused(400, "WeakKey", str(e)) from e
+        except pki.CSRBadSignature as e:
+            raise Refused(400, "BadSignature", str(e)) from e
+        except pki.CSRInvalid as e:
+            raise Refused(400, "InvalidCSR", str(e)) from e
+        auth = self._authority()
+        now = datetime.datetime.now(datetime.UTC)
+        try:
+            leaf = pki.issue_leaf(
+                auth.signing, csr, identity, now=now, lifetime=workload.lifetime(spec, self.cfg)
+            )
+        except pki.PKIError as e:
+            raise Refused(503, "CAUnavailable", f"the CA cannot sign: {e}") from e
+        nb, na = leaf.not_valid_before_utc, leaf.not_valid_after_utc
+        renew = pki.renewal_time(nb, na, fraction=self.cfg.renew_fraction)
+        body = {
+            "certificateChain": pki.chain_pem(leaf, auth.signing).decode(),
+            "trustBundle": auth.bundle_pem.decode(),
+            "crl": auth.crl_pem.decode(),
+            "notAfter": revocation.format_time(na),
+            "renewAt": revocation.format_time(renew),
+        }
+        serial = f"{leaf.serial_number:x}"
+        self.recorder.record(
+            recorder.Issuance(
+                pod=pod,
+                serial=serial,
+                issuer=auth.signing.cert.subject.rfc4514_string(),
+                fingerprint=certs.fingerprint_sha256(leaf),
+                not_before=nb,
+                not_after=na,
+                renewal_time=renew,
+            )
+        )
+        metrics.ISSUED.labels(pod.namespace).inc()
+        metrics.SIGNING_LATENCY.observe(time.perf_counter() - started)
+        logger.info(
+            "issued serial %s to %s/%s (%s), notAfter %s",
+            serial,
+            pod.namespace,
+            pod.name,
+            identity.spiffe_id,
+            body["notAfter"],
+        )
+        return _json(200, body)
+
+    async def _csr(self, request: web.Request) -> str:
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge as e:
+            raise Refused(
+                413, "BodyTooLarge", f"the request body is larger than {MAX_BODY} bytes"
+            ) from e
+        try:
+            data = json.loads(raw)
+        except ValueError as e:
+            raise Refused(400, "MalformedJSON", f"the body is not JSON: {e}") from e
+        csr = data.get("csr") if isinstance(data, dict) else None
+        if not isinstance(csr, str) or not csr:
+            raise Refused(400, "MalformedJSON", 'the body must be {"csr": "<PEM>"}')
+        return csr
+
+    # --- GET /v1/trust --------------------------------------------------------------------------
+    async def get_trust(self, request: web.Request) -> web.Response:
+        pod = await self._pod(request)
+        auth = self._authority()
+        now = datetime.datetime.now(datetime.UTC)
+        key = (pod.namespace, pod.name)
+        latest = self.recorder.latest.get(key)
+        view = (
+            status.CertView(
+                latest.serial,
+                latest.issuer,
+                latest.not_before,
+                latest.not_after,
+                latest.renewal_time,
+            )
+            if latest is not None
+            else self.cert_status(pod.namespace, pod.name)
+        )
+        rekey = bool(view and view.serial and auth.is_revoked(view.serial))
+        renew_at = now
+        if view is not None and view.renewal_time is not None and not rekey:
+            renew_at = view.renewal_time
+            if (
+                auth.previous is not None
+                and view.issuer == auth.previous.cert.subject.rfc4514_string()
+            ):
+                renew_at = min(renew_at, self._rollover_renewal(auth, pod, now))
+        payload = {
+            "trustBundle": auth.bundle_pem.decode(),
+            "crl": auth.crl_pem.decode(),
+            "renewAt": revocation.format_time(renew_at),
+            "rekey": rekey,
+        }
+        body = json.dumps(payload, sort_keys=True).encode()
+        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+        if etag in request.headers.get("If-None-Match", ""):
+            return web.Response(status=304, headers={"ETag": etag})
+        return web.Response(
+            status=200, body=body, content_type="application/json", headers={"ETag": etag}
+        )
+
+    @staticmethod
+    def _rollover_renewal(
+        auth: rollover.Authority, pod: workload.PodFacts, now: datetime.datetime
+    ) -> datetime.datetime:
+        """When a pod whose leaf chains to the retiring CA renews: spread over 10 minutes."""
+        start = auth.state.rollover.activated_at or now
+        spread = zlib.crc32(pod.uid.encode()) % 600
+        return start + datetime.timedelta(seconds=spread)

@@ -1,0 +1,131 @@
+"""The periodic check of every MTLSCert: phase, conditions and expiry Events.
+
+One loop for all certificates (every CHECK_INTERVAL), reading the MTLSCert kopf index, not
+one kopf timer per object: a timer is a task per MTLSCert, and 10,000 of them cost more
+memory than the whole operator may use. Each MTLSCert is evaluated with ``status.evaluate``
+and written only when its phase or a condition changed (so repeated sweeps, or two
+replicas sweeping, write nothing new); a change worth a warning posts an Event on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from kubemtls_operator import ca, config, errors, kube, naming, recorder, status
+
+__all__ = ["CertRecord", "Sweeper"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CertRecord:
+    """What the MTLSCert index keeps per object (small: 10,000 of them must fit)."""
+
+    namespace: str
+    name: str
+    uid: str
+    view: status.CertView
+    phase: str
+    conditions: tuple[tuple[str, str, str], ...]  # (type, status, reason)
+
+    @classmethod
+    def from_body(cls, body: Any) -> CertRecord:
+        st = body.get("status") or {}
+        conds = tuple(
+            (c.get("type", ""), c.get("status", ""), c.get("reason", ""))
+            for c in st.get("conditions") or ()
+        )
+        meta = body["metadata"]
+        return cls(
+            meta["namespace"],
+            meta["name"],
+            meta.get("uid", ""),
+            status.CertView.from_status(st),
+            st.get("phase", ""),
+            conds,
+        )
+
+
+@dataclasses.dataclass
+class Sweeper:
+    client: kube.Client
+    cfg: config.Config
+    cas: ca.Manager
+    recorder: recorder.Recorder
+    records: Callable[[], Iterable[CertRecord]]
+
+    def context(self, view: status.CertView) -> dict[str, Any]:
+        """The CA facts ``status.evaluate`` needs for one certificate."""
+        auth = self.cas.authority
+        if auth is None:
+            return {"ca_error": str(self.cas.error or "no CA loaded")}
+        retiring = (
+            auth.previous is not None and view.issuer == auth.previous.cert.subject.rfc4514_string()
+        )
+        return {
+            "revoked": bool(view.serial) and auth.is_revoked(view.serial),
+            "ca_error": str(self.cas.error) if self.cas.error else "",
+            "ca_not_after": auth.signing.cert.not_valid_after_utc,
+            "issuer_retiring": retiring,
+        }
+
+    async def sweep_one(self, rec: CertRecord, now: datetime.datetime) -> bool:
+        """Re-evaluate one MTLSCert; True when it was written."""
+        if self.recorder.pending((rec.namespace, rec.name)):
+            return False  # a newer certificate is being recorded: judge that one next time
+        ev = status.evaluate(
+            rec.view, now=now, alert_window=self.cfg.alert_window, **self.context(rec.view)
+        )
+        wanted = {(c.type, c.status, c.reason) for c in ev.conditions if c.type != "Injected"}
+        have = {c for c in rec.conditions if c[0] != "Injected"}
+        if ev.phase == rec.phase and wanted <= have:
+            return False
+        events: list[tuple[str, str, str]] = []
+
+        def compute(obj: dict[str, Any]) -> dict[str, Any] | None:
+            old = obj.get("status") or {}
+            if old.get("serial", "") != rec.view.serial:
+                return None  # re-issued meanwhile; the next sweep sees the new one
+            fresh = status.evaluate(
+                status.CertView.from_status(old),
+                now=now,
+                alert_window=self.cfg.alert_window,
+                injected=status.condition(old.get("conditions"), "Injected"),
+                **self.context(status.CertView.from_status(old)),
+            )
+            events[:] = status.transitions(old.get("conditions"), fresh.conditions)
+            return {
+                "phase": fresh.phase,
+                "conditions": status.merge_conditions(old.get("conditions"), fresh.conditions, now),
+            }
+
+        obj = await self.client.update_mtlscert_status(rec.namespace, rec.name, compute)
+        for type_, reason, message in events:
+            if obj is not None:
+                ref = {**obj, "apiVersion": naming.CRD_API_VERSION, "kind": "MTLSCert"}
+                await self.client.post_event(ref, type_=type_, reason=reason, message=message)
+        return True
+
+    async def sweep(self) -> int:
+        now = datetime.datetime.now(datetime.UTC)
+        written = 0
+        for rec in list(self.records()):
+            try:
+                written += await self.sweep_one(rec, now)
+            except errors.APIError as e:
+                logger.warning("checking MTLSCert %s/%s failed: %s", rec.namespace, rec.name, e)
+        return written
+
+    async def run(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.sweep()
+            except Exception:
+                logger.exception("the MTLSCert sweep crashed; again in %.1fs", interval)

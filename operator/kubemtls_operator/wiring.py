@@ -1,0 +1,172 @@
+"""The operator's long-lived parts, built and started together in kopf's event loop.
+
+``handlers/lifecycle.py`` calls :func:`start` on kopf's startup and :meth:`Runtime.stop`
+on cleanup; the handlers reach the parts through ``memo.runtime``. Here: the API client,
+the CA manager and its loop, the trust publisher, the signing API (HTTPS), metrics and
+health endpoints, the recorder and the MTLSCert sweeper, and the serving certificate that
+the signing API and kopf's webhook server share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from aiohttp import web
+
+from kubemtls_operator import (
+    ca,
+    config,
+    errors,
+    kube,
+    metrics,
+    recorder,
+    rollover,
+    serving,
+    signing,
+    status,
+    sweeper,
+    tokens,
+    trust,
+    workload,
+)
+
+__all__ = ["Runtime", "start"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Runtime:
+    cfg: config.Config
+    client: kube.Client
+    cas: ca.Manager
+    publisher: trust.Publisher
+    recorder: recorder.Recorder
+    reviewer: tokens.Reviewer
+    sweeper: sweeper.Sweeper
+    serving: serving.ServingCert
+    pods: Any  # the kopf index: (ns, name) → [PodFacts]
+    certs: Any  # the kopf index: (ns, name) → [CertRecord]
+    runners: list[web.AppRunner] = dataclasses.field(default_factory=list)
+    tasks: list[asyncio.Task[None]] = dataclasses.field(default_factory=list)
+    #: pod UIDs whose MTLSCert is known to exist and be current (saves API calls).
+    seen: set[str] = dataclasses.field(default_factory=set)
+
+    async def lookup_pod(self, namespace: str, name: str) -> workload.PodFacts | None:
+        """From the kopf index; on a miss (the watch may lag a fresh pod), from the API."""
+        for facts in self.pods.get((namespace, name), ()):
+            return facts  # type: ignore[no-any-return]
+        body = await self.client.get_pod(namespace, name)
+        return workload.facts(body) if body is not None else None
+
+    def cert_status(self, namespace: str, name: str) -> status.CertView | None:
+        for rec in self.certs.get((namespace, name), ()):
+            return rec.view  # type: ignore[no-any-return]
+        return None
+
+    def cert_records(self) -> Iterable[sweeper.CertRecord]:
+        for key in list(self.certs):
+            yield from self.certs.get(key, ())
+
+    def live_issuers(self) -> frozenset[str]:
+        now = datetime.datetime.now(datetime.UTC)
+        views = [r.view for r in self.cert_records()] + [
+            status.CertView(i.serial, i.issuer, i.not_before, i.not_after)
+            for i in self.recorder.latest.values()
+        ]
+        return frozenset(v.issuer for v in views if v.issuer and v.not_after and v.not_after > now)
+
+    async def on_ca_change(self, auth: rollover.Authority) -> None:
+        """Publish the bundle and CRLs; re-issue the serving cert if the signing CA changed."""
+        now = datetime.datetime.now(datetime.UTC)
+        if self.serving.needs_renewal(auth.signing, now):
+            self.serving.issue(auth.signing, auth.bundle_pem, now)
+            logger.info(
+                "serving certificate issued by %s", auth.signing.cert.subject.rfc4514_string()
+            )
+        await self.publisher.publish(auth)
+
+    async def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.recorder.stop()
+        for r in self.runners:
+            await r.cleanup()
+        await self.client.close()
+        self.serving.cleanup()
+
+
+async def _site(
+    app: web.Application, host: str, port: int, ssl_context: Any = None
+) -> web.AppRunner:
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port, ssl_context=ssl_context, shutdown_timeout=1.0).start()
+    return runner
+
+
+def _ops_app(rt: Runtime) -> web.Application:
+    async def metrics_view(_: web.Request) -> web.Response:
+        body, ctype = metrics.render()
+        return web.Response(body=body, headers={"Content-Type": ctype})
+
+    async def healthz(_: web.Request) -> web.Response:
+        ok = rt.cas.authority is not None
+        return web.json_response({"ca": "ok" if ok else str(rt.cas.error or "loading")})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_view)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+async def start(cfg: config.Config, *, pods: Any, certs: Any, client: kube.Client) -> Runtime:
+    """Build every part, load (or bootstrap) the CA, and start the servers and loops."""
+    publisher = trust.Publisher(client)
+    manager = ca.Manager(client, cfg)
+    rec = recorder.Recorder(client, cfg)
+    rt = Runtime(
+        cfg=cfg,
+        client=client,
+        cas=manager,
+        publisher=publisher,
+        recorder=rec,
+        reviewer=tokens.Reviewer(client),
+        serving=serving.ServingCert(cfg),
+        sweeper=None,  # type: ignore[arg-type]
+        pods=pods,
+        certs=certs,
+    )
+    rt.sweeper = sweeper.Sweeper(client, cfg, manager, rec, rt.cert_records)
+    rec.context = lambda issued: rt.sweeper.context(
+        status.CertView(issued.serial, issued.issuer, issued.not_before, issued.not_after)
+    )
+    manager.live_issuers = rt.live_issuers
+    manager.on_change = rt.on_ca_change
+    now = datetime.datetime.now(datetime.UTC)
+    with contextlib.suppress(errors.CAUnavailable, errors.APIError):
+        await manager.reconcile()
+    if rt.serving.cert is None:  # no CA yet: a stand-in, so the servers start anyway
+        rt.serving.issue(None, b"", now)
+    signer = signing.Signer(cfg, manager, rt.reviewer, rec, rt.lookup_pod, rt.cert_status)
+    rec.start()
+    host = cfg.bind_address
+    rt.runners.append(await _site(signer.app(), host, cfg.signer_port, rt.serving.context))
+    ops = _ops_app(rt)
+    rt.runners.append(await _site(ops, host, cfg.metrics_port))
+    if cfg.health_port != cfg.metrics_port:
+        rt.runners.append(await _site(ops, host, cfg.health_port))
+    interval = cfg.check_interval.total_seconds()
+    rt.tasks.append(asyncio.create_task(manager.run(interval), name="kubemtls CA"))
+    rt.tasks.append(asyncio.create_task(rt.sweeper.run(interval), name="kubemtls sweep"))
+    return rt
+
+
+_: Callable[..., Any] = start

@@ -1,0 +1,161 @@
+"""A pod, as the operator sees it: opted in? injected? which identity and lifetime?
+
+Pure: a pod body in, frozen values out. The leaf's identity comes from here only — the
+pod's namespace, service account, name, hostname/subdomain and validated
+``kubemtls.io/dns-names`` — never from a CSR. Annotations are validated by the same code
+the webhook uses (``annotations.parse``), so what admission refuses is never signed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from collections.abc import Mapping
+from typing import Any
+
+from kubemtls_sidecar import certs, contract
+
+from kubemtls_operator import annotations, config, naming, pki
+
+__all__ = ["PodFacts", "facts", "leaf_identity", "lifetime", "mtlscert_body", "opted_in"]
+
+
+def opted_in(annotations_: Mapping[str, str] | None, labels: Mapping[str, str] | None) -> bool:
+    """``kubemtls.io/inject: "true"`` as an annotation or a label."""
+    return (annotations_ or {}).get(contract.ANN_INJECT) == "true" or (labels or {}).get(
+        contract.ANN_INJECT
+    ) == "true"
+
+
+@dataclasses.dataclass(frozen=True)
+class PodFacts:
+    """The few facts of a pod the operator keeps (in the kopf index) and signs from."""
+
+    namespace: str
+    name: str
+    uid: str
+    service_account: str
+    opted_in: bool
+    injected: bool
+    hostname: str = ""
+    subdomain: str = ""
+    annotations: tuple[tuple[str, str], ...] = ()  # only kubemtls.io/*
+    deleting: bool = False
+
+    @property
+    def annotation_map(self) -> dict[str, str]:
+        return dict(self.annotations)
+
+
+def facts(body: Mapping[str, Any]) -> PodFacts:
+    meta = body.get("metadata") or {}
+    spec = body.get("spec") or {}
+    anns = meta.get("annotations") or {}
+    names = {c.get("name") for c in (spec.get("containers") or [])} | {
+        c.get("name") for c in (spec.get("initContainers") or [])
+    }
+    return PodFacts(
+        namespace=meta.get("namespace", ""),
+        name=meta.get("name", ""),
+        uid=meta.get("uid", ""),
+        service_account=spec.get("serviceAccountName") or spec.get("serviceAccount") or "default",
+        opted_in=opted_in(anns, meta.get("labels")),
+        injected=contract.SIDECAR_CONTAINER_NAME in names,
+        hostname=spec.get("hostname") or "",
+        subdomain=spec.get("subdomain") or "",
+        annotations=tuple(
+            sorted((k, str(v)) for k, v in anns.items() if k.startswith(contract.ANNOTATION_PREFIX))
+        ),
+        deleting=bool(meta.get("deletionTimestamp")),
+    )
+
+
+def _limits(cfg: config.Config) -> annotations.Limits:
+    return annotations.Limits(
+        trust_domain=cfg.trust_domain,
+        cluster_domain=cfg.cluster_domain,
+        cert_duration_min=cfg.cert_duration_min,
+        cert_duration_max=cfg.cert_duration_max,
+        dns_allow_list=cfg.dns_allow_list,
+    )
+
+
+def spec_of(pod: PodFacts, cfg: config.Config) -> annotations.AnnotationSpec:
+    """The pod's validated kubemtls annotations.
+
+    Raises:
+        annotations.AnnotationError: an annotation admission would have refused.
+    """
+    return annotations.parse(pod.annotation_map, namespace=pod.namespace, limits=_limits(cfg))
+
+
+def lifetime(spec: annotations.AnnotationSpec, cfg: config.Config) -> datetime.timedelta:
+    """The pod's leaf lifetime: its annotation, else the default, within the bounds."""
+    wanted = spec.cert_duration or cfg.cert_duration
+    return min(max(wanted, cfg.cert_duration_min), cfg.cert_duration_max)
+
+
+def dns_names(
+    pod: PodFacts, spec: annotations.AnnotationSpec, cfg: config.Config
+) -> tuple[str, ...]:
+    names: list[str] = []
+    if pod.hostname and pod.subdomain:
+        names.append(f"{pod.hostname}.{pod.subdomain}.{pod.namespace}.svc.{cfg.cluster_domain}")
+    names.extend(spec.dns_names)
+    return tuple(dict.fromkeys(names))
+
+
+def leaf_identity(
+    pod: PodFacts, spec: annotations.AnnotationSpec, cfg: config.Config
+) -> pki.LeafIdentity:
+    """DESIGN.md §Identity: SPIFFE ID, CN=<pod>, OU=<namespace>, real DNS names only.
+
+    Raises:
+        IdentityError: the namespace or service account is not a valid name.
+    """
+    return pki.LeafIdentity(
+        spiffe_id=certs.spiffe_id(cfg.trust_domain, pod.namespace, pod.service_account),
+        common_name=pod.name,
+        organizational_unit=pod.namespace,
+        dns_names=dns_names(pod, spec, cfg),
+    )
+
+
+def mtlscert_body(pod: PodFacts, cfg: config.Config) -> dict[str, Any]:
+    """The pod's MTLSCert: named after it, owned by it (deleted with it).
+
+    Raises:
+        IdentityError: the namespace or service account is not a valid name.
+    """
+    try:
+        spec = spec_of(pod, cfg)
+    except annotations.AnnotationError:
+        spec = annotations.AnnotationSpec()  # the signer refuses; the record still exists
+    return {
+        "apiVersion": naming.CRD_API_VERSION,
+        "kind": contract.CRD_KIND,
+        "metadata": {
+            "name": naming.mtlscert_name(pod.name),
+            "namespace": pod.namespace,
+            "labels": {"app.kubernetes.io/managed-by": naming.MANAGED_BY},
+            "ownerReferences": [
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "name": pod.name,
+                    "uid": pod.uid,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": {
+            "podName": pod.name,
+            "podUID": pod.uid,
+            "serviceAccount": pod.service_account,
+            "identity": certs.spiffe_id(cfg.trust_domain, pod.namespace, pod.service_account),
+            "dnsNames": list(dns_names(pod, spec, cfg)),
+            "duration": annotations.format_duration(lifetime(spec, cfg)),
+            "keyType": spec.key_type,
+        },
+    }

@@ -1,0 +1,52 @@
+"""``kubemtls-sidecar``: parse the configuration, then run the proxy (or install redirects).
+
+A wrong flag or certificate file ends here with exit 2 and one line on stderr that says
+which and why (``ConfigError``); everything else is in ``app``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from kubemtls_sidecar import app, config, errors, logs
+
+__all__ = ["main"]
+
+
+def _loop_factory() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cfg = config.parse(argv)
+        logs.setup(cfg.log_format, cfg.log_level)
+        if cfg.install_redirects:
+            from kubemtls_sidecar import transparent
+
+            try:
+                transparent.install_redirects(cfg)
+            except errors.ConfigError:
+                raise
+            except errors.KubemtlsError as e:  # iptables refused: not a config error
+                print(f"kubemtls-sidecar: {e}", file=sys.stderr)
+                return 1
+            return 0
+        with asyncio.Runner(loop_factory=_loop_factory) as runner:
+            return runner.run(app.run(cfg))
+    except errors.ConfigError as e:
+        print(f"kubemtls-sidecar: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

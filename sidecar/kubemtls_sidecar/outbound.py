@@ -1,0 +1,137 @@
+"""Outbound: plaintext from the app on 127.0.0.1, mutual TLS to the upstream.
+
+Per accepted connection, a new TLS client connection presents our certificate, sends
+SNI, and verifies the upstream's chain against ``--upstream-ca`` (default: the mesh
+bundle, with the mesh CRL) and its hostname. A refused upstream closes the app's
+connection and logs one line with the alert and the reason. Nothing is ever sent in
+plaintext past this point: if TLS fails, the app's bytes are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from kubemtls_sidecar import config, conns, inbound, logs, metrics, pipe, tlsconn, tlsstore
+
+__all__ = ["OutboundListener", "connect_upstream"]
+
+logger = logging.getLogger(__name__)
+
+
+async def connect_upstream(
+    store: tlsstore.TlsStore, cfg: config.Config, host: str, port: int
+) -> tlsconn.TlsEndpoint:
+    """An established mTLS connection to ``host:port`` (also used by transparent mode).
+
+    Raises:
+        tlsconn.HandshakeError: the upstream refused us or we refused it.
+        OSError: TCP connect failed.
+        TimeoutError: no handshake within ``--handshake-timeout``.
+    """
+    snap = store.current
+    if snap is None:
+        raise OSError("no certificate loaded yet")
+    ctx = snap.upstream_ctx if cfg.upstream_ca else snap.client_ctx
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(cfg.handshake_timeout):
+        _, ep = await loop.create_connection(
+            lambda: tlsconn.TlsEndpoint(ctx, server_side=False, server_hostname=host), host, port
+        )
+        assert isinstance(ep, tlsconn.TlsEndpoint)
+        try:
+            await ep.handshake
+        except BaseException:
+            ep.abort() if not ep.closed.done() else None
+            raise
+    return ep
+
+
+class OutboundListener:
+    """One local plaintext port bound to one upstream."""
+
+    def __init__(
+        self,
+        cfg: config.Config,
+        store: tlsstore.TlsStore,
+        m: metrics.Metrics,
+        tracker: conns.Tracker,
+        *,
+        upstream_host: str,
+        upstream_port: int,
+    ) -> None:
+        self.cfg, self.store, self.metrics, self.tracker = cfg, store, m, tracker
+        self.host, self.port = upstream_host, upstream_port
+
+    def protocol_factory(self) -> pipe.Endpoint:
+        if self.tracker.full():
+            return inbound.Refuse(self.metrics, "outbound", "over_limit")
+        return pipe.PlainEndpoint(on_connect=self._start)
+
+    def _start(self, ep: pipe.Endpoint) -> None:
+        assert isinstance(ep, pipe.PlainEndpoint)
+        self.tracker.spawn(self._serve(ep))
+
+    async def serve(self, app: pipe.PlainEndpoint) -> None:
+        """Serve one accepted app connection (transparent mode's capture calls this)."""
+        await self._serve(app)
+
+    async def _serve(self, app: pipe.PlainEndpoint) -> None:
+        m, loop = self.metrics, asyncio.get_running_loop()
+        started = loop.time()
+        upstream: tlsconn.TlsEndpoint | None = None
+        where = f"{self.host}:{self.port}"
+        try:
+            try:
+                upstream = await connect_upstream(self.store, self.cfg, self.host, self.port)
+            except tlsconn.HandshakeError as e:
+                f = e.failure
+                m.connections.labels("outbound", "refused").inc()
+                m.handshake_failures.labels("outbound", f.alert or "none", f.code).inc()
+                logs.event(
+                    logger,
+                    logging.WARNING,
+                    "upstream TLS handshake failed; closing the app's connection",
+                    direction="outbound",
+                    upstream=where,
+                    alert=f.alert,
+                    alert_sent_by=f.sent_by,
+                    reason=f.reason,
+                )
+                return
+            except (OSError, TimeoutError) as e:
+                m.connections.labels("outbound", "upstream_unreachable").inc()
+                logs.event(
+                    logger,
+                    logging.WARNING,
+                    "upstream unreachable; closing the app's connection",
+                    direction="outbound",
+                    upstream=where,
+                    reason=(
+                        e.strerror
+                        if isinstance(e, OSError) and e.strerror
+                        else str(e) or "handshake timeout"
+                    ),
+                )
+                return
+            m.handshake_seconds.labels("outbound").observe(loop.time() - started)
+            await _pump(upstream, app, self.cfg, m)
+        finally:
+            if not app.closed.done():
+                app.abort()
+            if upstream is not None and not upstream.closed.done():
+                upstream.abort()
+
+
+async def _pump(
+    tls_side: tlsconn.TlsEndpoint, app: pipe.PlainEndpoint, cfg: config.Config, m: metrics.Metrics
+) -> None:
+    m.connections.labels("outbound", "ok").inc()
+    active = m.active.labels("outbound")
+    active.inc()
+    try:
+        await pipe.fuse(app, tls_side, idle_timeout=cfg.idle_timeout)
+    finally:
+        active.dec()
+        m.bytes.labels("outbound", "rx").inc(tls_side.bytes_in)
+        m.bytes.labels("outbound", "tx").inc(tls_side.bytes_out)

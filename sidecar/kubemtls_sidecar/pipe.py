@@ -1,0 +1,233 @@
+"""The byte pump: two connection endpoints fused back to back, with half-close.
+
+This is the hot path. Endpoints are asyncio Protocols that hand each chunk they receive
+straight to their partner's ``write`` (no task wake-up per chunk, no StreamReader copy);
+flow control is the transports' own: when one side's send buffer fills, the other side
+stops reading (ghostunnel ``proxy.go`` ``fuse``/``copyData``, in callback form). At EOF a
+side half-closes its partner (``write_eof``); a connection closes when both directions
+have ended, when either side errors (RST/EPIPE are routine and logged at debug), or when
+nothing moved for ``idle_timeout``.
+
+An endpoint that is not fused works as a small stream (``read``/``write``/``drain``/
+``write_eof``/``close``) for code that must look at the bytes (``httpmode``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+__all__ = ["Endpoint", "PlainEndpoint", "fuse"]
+
+logger = logging.getLogger(__name__)
+
+_BUFFER_LIMIT = 1 << 20  # unfused read buffer before pausing the socket
+
+
+class Endpoint(asyncio.Protocol):
+    """One side of a proxied connection (plain TCP here; TLS in ``tlsconn``)."""
+
+    def __init__(self, on_connect: Callable[[Endpoint], None] | None = None) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.partner: Endpoint | None = None
+        self.read_closed = False  # the peer ended its direction (EOF / close_notify)
+        self.write_closed = False  # we ended ours
+        self.bytes_in = 0  # plaintext received from this side's peer
+        self.bytes_out = 0  # plaintext written towards it
+        self._on_connect = on_connect
+        self._loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[None] = self._loop.create_future()
+        self._rbuf = bytearray()
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._reading_paused = False
+        self.peername: tuple[str, int] | None = None
+
+    # --- asyncio.Protocol -----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peername = (str(peer[0]), int(peer[1])) if peer else None
+        if self._on_connect is not None:
+            self._on_connect(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self.partner is not None and self.partner.transport is not None:
+            self.partner.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self.partner is not None and self.partner.transport is not None:
+            self.partner.transport.resume_reading()
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and not isinstance(exc, ConnectionResetError | BrokenPipeError):
+            logger.debug("connection lost: %r", exc)
+        self.read_closed = self.write_closed = True
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self._wake_reader()
+        for w in self._drain_waiters:
+            if not w.done():
+                w.set_exception(ConnectionResetError("connection lost"))
+        self._drain_waiters = []
+        p = self.partner
+        if p is not None and p.transport is not None and not p.closed.done():
+            if exc is not None or not self._clean():
+                p.abort()
+            elif not p.write_closed:
+                p.write_eof()
+
+    def _clean(self) -> bool:
+        return True
+
+    # --- what a partner (or a stream user) calls ------------------------------------------
+    def write(self, data: bytes) -> None:
+        """Send plaintext towards this side's peer."""
+        if self.write_closed or self.transport is None:
+            return
+        self.bytes_out += len(data)
+        self.transport.write(data)
+
+    def write_eof(self) -> None:
+        """End our direction (TCP FIN), keeping the other open."""
+        if self.write_closed or self.transport is None:
+            return
+        self.write_closed = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._maybe_close()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # --- stream use (when not fused) ------------------------------------------------------
+    async def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (any amount if -1); b"" at EOF."""
+        while not self._rbuf and not self.read_closed:
+            self._read_waiter = self._loop.create_future()
+            try:
+                await self._read_waiter
+            finally:
+                self._read_waiter = None
+        if n < 0 or n >= len(self._rbuf):
+            data = bytes(self._rbuf)
+            self._rbuf.clear()
+        else:
+            data = bytes(self._rbuf[:n])
+            del self._rbuf[:n]
+        if self._reading_paused and len(self._rbuf) < _BUFFER_LIMIT and self.transport:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        return data
+
+    async def drain(self) -> None:
+        """Wait until the send buffer is below the high-water mark."""
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("connection closed")
+        if self._write_paused:
+            w = self._loop.create_future()
+            self._drain_waiters.append(w)
+            await w
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self.closed)
+
+    def unread(self, data: bytes) -> None:
+        """Put bytes back in front of the read buffer (a peeked request head, capture.py)."""
+        self._rbuf[:0] = data
+
+    # --- delivery of received plaintext ---------------------------------------------------
+    def _deliver(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        p = self.partner
+        if p is not None:
+            p.write(data)
+            return
+        self._rbuf += data
+        self._wake_reader()
+        if len(self._rbuf) >= _BUFFER_LIMIT and self.transport and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _deliver_eof(self) -> None:
+        if self.read_closed:
+            return
+        self.read_closed = True
+        if self.partner is not None:
+            self.partner.write_eof()
+        self._wake_reader()
+        self._maybe_close()
+
+    def _wake_reader(self) -> None:
+        w = self._read_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _maybe_close(self) -> None:
+        if self.read_closed and self.write_closed and self.transport is not None:
+            self.transport.close()
+
+
+class PlainEndpoint(Endpoint):
+    """A plaintext TCP side (the app, or the local client of an outbound port)."""
+
+    def data_received(self, data: bytes) -> None:
+        self._deliver(data)
+
+    def eof_received(self) -> bool:
+        self._deliver_eof()
+        return True  # keep our direction open (half-close)
+
+
+async def fuse(a: Endpoint, b: Endpoint, *, idle_timeout: float = 0) -> None:
+    """Pump bytes both ways between ``a`` and ``b`` until both directions end."""
+    a.partner, b.partner = b, a
+    for src, dst in ((a, b), (b, a)):
+        if src._rbuf:
+            data = bytes(src._rbuf)
+            src._rbuf.clear()
+            dst.write(data)
+        if src.read_closed and not src.closed.done():
+            dst.write_eof()
+        if src._reading_paused and src.transport is not None:
+            src._reading_paused = False
+            src.transport.resume_reading()
+        if src.closed.done() and not dst.closed.done():
+            dst.close() if dst.write_closed else dst.write_eof()
+    loop = asyncio.get_running_loop()
+    timer: asyncio.TimerHandle | None = None
+    last = -1
+
+    def check() -> None:
+        nonlocal timer, last
+        moved = a.bytes_in + b.bytes_in
+        if moved == last:
+            logger.debug("closing idle connection after %ss", idle_timeout)
+            a.abort()
+            b.abort()
+            return
+        last = moved
+        timer = loop.call_later(idle_timeout, check)
+
+    if idle_timeout > 0:
+        timer = loop.call_later(idle_timeout, check)
+    try:
+        await asyncio.gather(asyncio.shield(a.closed), asyncio.shield(b.closed))
+    finally:
+        if timer is not None:
+            timer.cancel()
+        a.partner = b.partner = None

@@ -1,0 +1,209 @@
+"""Helpers for the operator's tests (importable as ``operatorkit``): API client, handles.
+
+The fixtures are in ``tests/operator/conftest.py``. The operator under test: real kopf
+(KopfRunner) against the emulated API over real HTTP.
+
+Fixtures:
+- ``api`` — a small HTTP client for the emulator (``get``/``post``/``patch``/``delete``,
+  ``create_pod``, ``token_for``) — plain aiohttp against ``k8s.url``.
+- ``start_operator`` — a factory: ``handle = await start_operator(**settings)`` starts one
+  operator configured through ``KUBEMTLS_OPERATOR_<NAME>`` (keyword names are the setting
+  names, any case: ``cert_duration="1h"``); ``await handle.stop()`` stops it (also done at
+  teardown). ``handle.signer_url``, ``handle.webhook_port``, ``handle.metrics_url``.
+- ``operator`` — one operator with the test defaults, started and waited for.
+
+Defaults for tests: namespace ``kubemtls``, everything on 127.0.0.1 with free ports,
+CHECK_INTERVAL 0.5s, WEBHOOK_MANAGED false (the injection webhook's tests turn it on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from kopf.testing import KopfRunner
+from kubemtls_sidecar import contract
+
+NAMESPACE = "kubemtls"
+MTLSCERTS = f"/apis/{contract.CRD_GROUP}/{contract.CRD_VERSION}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclasses.dataclass
+class Api:
+    """Plain HTTP against the emulated API server (what kubectl would do)."""
+
+    url: str
+    session: aiohttp.ClientSession
+
+    async def request(self, method: str, path: str, body: Any = None, ctype: str = "") -> Any:
+        headers = {"Content-Type": ctype or "application/json"} if body is not None else {}
+        async with self.session.request(method, self.url + path, json=body, headers=headers) as r:
+            data = await r.json(content_type=None)
+            if r.status >= 400:
+                raise AssertionError(f"{method} {path} -> {r.status}: {data}")
+            return data
+
+    async def get(self, path: str) -> Any:
+        return await self.request("GET", path)
+
+    async def get_or_none(self, path: str) -> Any:
+        async with self.session.get(self.url + path) as r:
+            return await r.json() if r.status == 200 else None
+
+    async def post(self, path: str, body: Any) -> Any:
+        return await self.request("POST", path, body)
+
+    async def patch(self, path: str, body: Any) -> Any:
+        return await self.request("PATCH", path, body, "application/merge-patch+json")
+
+    async def delete(self, path: str) -> Any:
+        return await self.request("DELETE", path)
+
+    async def create_pod(
+        self,
+        name: str,
+        namespace: str = "default",
+        *,
+        annotations: dict[str, str] | None = None,
+        labels: dict[str, str] | None = None,
+        sidecar: bool = True,
+        service_account: str = "app",
+        **spec: Any,
+    ) -> dict[str, Any]:
+        """A pod that opted in (unless told otherwise), with a sidecar-named container."""
+        containers = [{"name": "app", "image": "app:1"}]
+        if sidecar:
+            containers.append({"name": contract.SIDECAR_CONTAINER_NAME, "image": "kubemtls:0"})
+        anns = {contract.ANN_INJECT: "true"} if annotations is None else annotations
+        body = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "annotations": anns, "labels": labels or {}},
+            "spec": {"serviceAccountName": service_account, "containers": containers, **spec},
+        }
+        pod: dict[str, Any] = await self.post(f"/api/v1/namespaces/{namespace}/pods", body)
+        return pod
+
+    async def token_for(
+        self, pod: str, namespace: str = "default", sa: str = "app", audience: str = "kubemtls"
+    ) -> str:
+        """A bound, projected-style token (TokenRequest), as kubelet would mount it."""
+        body = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {
+                "audiences": [audience],
+                "expirationSeconds": 3600,
+                "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": pod},
+            },
+        }
+        rsp = await self.post(f"/api/v1/namespaces/{namespace}/serviceaccounts/{sa}/token", body)
+        return str(rsp["status"]["token"])
+
+    async def mtlscert(self, name: str, namespace: str = "default") -> Any:
+        return await self.get_or_none(f"{MTLSCERTS}/namespaces/{namespace}/mtlscerts/{name}")
+
+    async def trust(self, namespace: str = "default") -> Any:
+        path = f"/api/v1/namespaces/{namespace}/configmaps/{contract.TRUST_CONFIGMAP}"
+        return await self.get_or_none(path)
+
+    async def events(self, namespace: str = "default") -> list[dict[str, Any]]:
+        data = await self.get(f"/api/v1/namespaces/{namespace}/events")
+        return list(data.get("items") or [])
+
+
+def make_csr(
+    key: Any = None, common_name: str = "whatever", dns: tuple[str, ...] = ()
+) -> tuple[Any, str]:
+    """A key and a PEM CSR (the sidecar's side), asking for whatever it likes."""
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    )
+    if dns:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(d) for d in dns]), critical=False
+        )
+    csr = builder.sign(key, hashes.SHA256())
+    return key, csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+@dataclasses.dataclass
+class OperatorHandle:
+    runner: KopfRunner
+    env: dict[str, str]
+    signer_port: int
+    webhook_port: int
+    metrics_port: int
+    health_port: int
+    stopped: bool = False
+
+    @property
+    def signer_url(self) -> str:
+        return f"https://127.0.0.1:{self.signer_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    async def stop(self) -> None:
+        """Stop kopf off this loop (the loop serves the emulator kopf talks to)."""
+        if not self.stopped:
+            self.stopped = True
+            await asyncio.to_thread(self.runner.__exit__, None, None, None)
+
+
+async def _listening(port: int) -> bool:
+    try:
+        _, w = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    w.close()
+    return True
+
+
+StartOperator = Callable[..., Awaitable[OperatorHandle]]
+
+
+async def _wait_listening(handle: OperatorHandle, timeout: float = 20.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await _listening(handle.signer_port):
+        if not handle.runner._thread.is_alive():
+            raise AssertionError("the operator exited at start")
+        if loop.time() > deadline:
+            raise AssertionError("the signing API did not start listening")
+        await asyncio.sleep(0.05)
+
+
+async def _wait_ca(handle: OperatorHandle, timeout: float = 20.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    async with aiohttp.ClientSession() as s:
+        while True:
+            async with s.get(f"http://127.0.0.1:{handle.health_port}/healthz") as r:
+                if (await r.json()).get("ca") == "ok":
+                    return
+            if loop.time() > deadline:
+                raise AssertionError("the operator did not load its CA")
+            await asyncio.sleep(0.05)
+
+
+def client_context(ca_pem: str) -> ssl.SSLContext:
+    """What a sidecar trusts for the signing API: its namespace's ``ca.crt``."""
+    return ssl.create_default_context(cadata=ca_pem)
