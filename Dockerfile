@@ -7,10 +7,10 @@
 # the webhook always sets the sidecar's command, and runs kubemtls-init (the same image)
 # as UID 0 with NET_ADMIN/NET_RAW only in transparent mode.
 
-ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+# The base image is pinned by tag on each FROM (update all three together).
 
 # --- builder: our wheel, plus wheels of every dependency (same versions for both targets)
-FROM ${PYTHON_IMAGE} AS builder
+FROM python:3.11.14-slim-bookworm AS builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -26,7 +26,7 @@ RUN pip wheel --wheel-dir /wheels . \
  && test "$(wc -l < /wheels/sidecar-requirements.txt)" -eq 3
 
 # --- operator: kopf, kubernetes, aiohttp, cryptography and the kubemtls wheel
-FROM ${PYTHON_IMAGE} AS operator
+FROM python:3.11.14-slim-bookworm AS operator
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 RUN groupadd --system --gid 65532 kubemtls \
  && useradd --system --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent \
@@ -40,7 +40,7 @@ HEALTHCHECK NONE
 ENTRYPOINT ["kubemtls-operator"]
 
 # --- sidecar: only what kubemtls_sidecar imports, and iptables for kubemtls-init
-FROM ${PYTHON_IMAGE} AS sidecar
+FROM python:3.11.14-slim-bookworm AS sidecar
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 # Debian package versions are not pinned: the base image tag pins the release, and a pin
 # would break the build as soon as Debian ships a security update of iptables.
@@ -53,9 +53,10 @@ RUN apt-get update \
       --shell /usr/sbin/nologin kubemtls-proxy
 # The kubemtls wheel without its operator dependencies (kopf, kubernetes, aiohttp),
 # plus the sidecar's own, at the versions the builder resolved (--no-index).
+# (Dependencies first: pip then has nothing to complain about when --no-deps skips the rest.)
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-index --find-links /wheels --no-deps /wheels/kubemtls-*.whl \
- && pip install --no-index --find-links /wheels --requirement /wheels/sidecar-requirements.txt
+    pip install --no-index --find-links /wheels --requirement /wheels/sidecar-requirements.txt \
+ && pip install --no-index --find-links /wheels --no-deps /wheels/kubemtls-*.whl
 # UID 1337: the transparent-mode iptables rules exclude this UID's own traffic.
 USER 1337:1337
 EXPOSE 15020

@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import pathlib
 import socket
 import ssl
+import subprocess
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -205,5 +208,98 @@ async def _wait_ca(handle: OperatorHandle, timeout: float = 20.0) -> None:
 
 
 def client_context(ca_pem: str) -> ssl.SSLContext:
-    """What a sidecar trusts for the signing API: its namespace's ``ca.crt``."""
+    """What a sidecar trusts for the signing API: its namespace's ``ca.crt``.
+
+    An empty ``ca_pem`` (no CA published yet) gives an unverified context.
+    """
+    if not ca_pem:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
     return ssl.create_default_context(cadata=ca_pem)
+
+
+async def sign(
+    handle: OperatorHandle,
+    ca_pem: str,
+    token: str | None,
+    body: Any,
+    *,
+    raw: bytes | None = None,
+) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    data = raw if raw is not None else json.dumps(body).encode()
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            handle.signer_url + "/v1/certificates",
+            data=data,
+            headers={**headers, "Content-Type": "application/json"},
+            ssl=client_context(ca_pem),
+        ) as r,
+    ):
+        return r.status, await r.json(content_type=None)
+
+
+async def trust(
+    handle: OperatorHandle, ca_pem: str, token: str, etag: str = ""
+) -> tuple[int, Any, str]:
+    headers = {"Authorization": f"Bearer {token}"}
+    if etag:
+        headers["If-None-Match"] = etag
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(handle.signer_url + "/v1/trust", headers=headers, ssl=client_context(ca_pem)) as r,
+    ):
+        body = await r.json(content_type=None) if r.status == 200 else None
+        return r.status, body, r.headers.get("ETag", "")
+
+
+async def ready_pod(api: Api, name: str, ns: str = "default", **kw: Any) -> tuple[str, str]:
+    """An opted-in pod, its token, and the namespace's ca.crt once the operator published it."""
+    await api.create_pod(name, ns, **kw)
+    await _until(lambda: api.trust(ns))
+    token = await api.token_for(name, ns, kw.get("service_account", "app"))
+    return token, (await api.trust(ns))["data"][contract.TRUST_CA_FILE]
+
+
+async def _until(fn: Any, timeout: float = 10.0) -> Any:
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = await fn()
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"not met within {timeout}s")
+        await asyncio.sleep(0.05)
+
+
+def openssl_verify(
+    tmp: pathlib.Path, bundle: str, chain: str, crl: str = ""
+) -> subprocess.CompletedProcess[str]:
+    (tmp / "ca.pem").write_text(bundle)
+    leaf, *rest = x509.load_pem_x509_certificates(chain.encode())
+    (tmp / "leaf.pem").write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    args = ["openssl", "verify", "-CAfile", str(tmp / "ca.pem")]
+    if rest:
+        (tmp / "untrusted.pem").write_bytes(
+            b"".join(c.public_bytes(serialization.Encoding.PEM) for c in rest)
+        )
+        args += ["-untrusted", str(tmp / "untrusted.pem")]
+    if crl:
+        (tmp / "crl.pem").write_text(crl)
+        args += ["-crl_check", "-CRLfile", str(tmp / "crl.pem")]
+    return subprocess.run(
+        [*args, str(tmp / "leaf.pem")], capture_output=True, text=True, check=False
+    )
+
+
+async def _issued(api: Api, name: str, ns: str = "default") -> Any:
+    cert = await api.mtlscert(name, ns)
+    if cert and (cert.get("status") or {}).get("phase") == "Issued":
+        return cert
+    return None

@@ -113,7 +113,7 @@ class CA:
             subject=self.cert.subject,
             not_before=self.cert.not_valid_before_utc,
             not_after=self.cert.not_valid_after_utc,
-            aki=keys.authority_key_identifier(self),
+            aki=keys.preencoded(keys.authority_key_identifier(self)),
             digest=keys.signature_hash(self.key),
         )
 
@@ -129,7 +129,7 @@ class Signing:
     subject: x509.Name
     not_before: datetime.datetime
     not_after: datetime.datetime
-    aki: x509.AuthorityKeyIdentifier
+    aki: x509.UnrecognizedExtension  # the AuthorityKeyIdentifier, pre-encoded
     digest: hashes.SHA256 | hashes.SHA384
 
 

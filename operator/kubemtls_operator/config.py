@@ -61,7 +61,7 @@ class Config:
     health_port: int = contract.OPERATOR_HEALTH_PORT
     webhook_config: str = "kubemtls-injector"
     webhook_managed: bool = False
-    ca_secret: str = "kubemtls-ca"
+    ca_secret: str = "kubemtls-ca"  # noqa: S105 - a Secret's name
     ca_bootstrap: bool = True
     ca_rollover_grace: datetime.timedelta = datetime.timedelta(hours=1)
     trust_domain: str = "cluster.local"

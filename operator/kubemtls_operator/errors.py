@@ -26,7 +26,7 @@ class ConfigInvalid(errors.KubemtlsError):
     """A ``KUBEMTLS_OPERATOR_*`` setting is wrong: the operator exits 2 with this one line."""
 
 
-class APIError(errors.KubemtlsError, kopf.TemporaryError):  # type: ignore[misc]
+class APIError(errors.KubemtlsError, kopf.TemporaryError):
     """The Kubernetes API answered with an error (or not at all); kopf retries."""
 
     def __init__(self, message: str, *, status: int = 0, delay: float = 5.0) -> None:
@@ -42,7 +42,7 @@ class Conflict(APIError):
     """409: the object exists already, or a resourceVersion precondition failed."""
 
 
-class CAUnavailable(errors.KubemtlsError, kopf.TemporaryError):  # type: ignore[misc]
+class CAUnavailable(errors.KubemtlsError, kopf.TemporaryError):
     """No usable CA (Secret missing or invalid): signing answers 503 until it is fixed."""
 
     def __init__(self, message: str, *, reason: str = "CAUnavailable", delay: float = 10.0):

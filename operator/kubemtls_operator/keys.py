@@ -37,6 +37,7 @@ __all__ = [
     "generate_key",
     "key_pem",
     "load_csr",
+    "preencoded",
     "same_public_key",
     "signature_hash",
 ]
@@ -129,6 +130,16 @@ def authority_key_identifier(issuer: Issuer) -> x509.AuthorityKeyIdentifier:
     except x509.ExtensionNotFound:
         return x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key())
     return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
+def preencoded(value: x509.ExtensionType) -> x509.UnrecognizedExtension:
+    """``value`` encoded to DER once, for an extension many certificates repeat.
+
+    A builder copies the bytes of an ``UnrecognizedExtension`` instead of encoding the
+    value again for every certificate. The certificate's DER is the same, and so is what
+    ``cryptography`` parses back from it (``bench/pki_bench.py`` measures the saving).
+    """
+    return x509.UnrecognizedExtension(value.oid, value.public_bytes())
 
 
 def check_public_key(key: object) -> PublicKey:

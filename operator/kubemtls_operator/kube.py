@@ -9,6 +9,7 @@ kopf's event loop. Every API error becomes an ``errors.APIError`` (404 ``NotFoun
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import ssl
@@ -21,7 +22,7 @@ import kopf
 
 from kubemtls_operator import errors, naming
 
-__all__ = ["Client", "configmap_path", "secret_path"]
+__all__ = ["Client", "configmap_path", "login", "secret_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,17 @@ def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
     return ctx
 
 
+def login(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo | None:
+    """In-cluster service account first, else $KUBECONFIG (read now, not at import).
+
+    kopf's own parsers, not the ``kubernetes`` library's: that one fixes the KUBECONFIG
+    path when it is first imported.
+    """
+    return kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(
+        settings=settings
+    )
+
+
 class Client:
     """Async access to the few API paths the operator uses."""
 
@@ -69,9 +81,9 @@ class Client:
         )
 
     @classmethod
-    def from_login(cls, settings: kopf.OperatorSettings, logger: Any = logger) -> Client:
-        """Log in as kopf does (KUBECONFIG or in-cluster) and build a client."""
-        info = kopf.login_via_client(logger=logger, settings=settings)
+    def from_login(cls, settings: kopf.OperatorSettings) -> Client:
+        """Log in as kopf does (in-cluster or KUBECONFIG) and build a client."""
+        info = login(settings)
         if info is None:
             raise errors.APIError("no Kubernetes credentials (KUBECONFIG or in-cluster)")
         return cls(info)
@@ -141,12 +153,10 @@ class Client:
         )
 
     async def delete(self, path: str) -> None:
-        try:
+        with contextlib.suppress(errors.NotFound):
             await self.request("DELETE", path)
-        except errors.NotFound:
-            pass
 
-    async def list(self, path: str, **params: str) -> list[Obj]:
+    async def list_items(self, path: str, **params: str) -> list[Obj]:
         data = await self.request("GET", path, params=params or None)
         items = data.get("items") or []
         return list(items)

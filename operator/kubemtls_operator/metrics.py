@@ -6,6 +6,7 @@ objects are module-level, as prometheus-client intends: one registry per process
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import prometheus_client as prom
@@ -71,10 +72,8 @@ def observe_authority(auth: rollover.Authority) -> None:
 
 
 def forget_cert(namespace: str, name: str) -> None:
-    try:
+    with contextlib.suppress(KeyError):
         CERT_EXPIRY.remove(namespace, name)
-    except KeyError:
-        pass
 
 
 def render() -> tuple[bytes, str]:

@@ -52,7 +52,7 @@ class Reason:
     """Event and condition reasons (CamelCase, after cert-manager)."""
 
     CA_BOOTSTRAPPED = "CABootstrapped"
-    CA_SECRET_MISSING = "CASecretMissing"
+    CA_SECRET_MISSING = "CASecretMissing"  # noqa: S105 - an event reason
     CA_INVALID = "CASecretInvalid"
     CA_LOADED = "CALoaded"
     CA_EXPIRING = "CAExpiring"

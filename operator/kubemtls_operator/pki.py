@@ -102,10 +102,28 @@ class LeafIdentity:
     ip_addresses: tuple[str, ...] = ()
 
 
-_EC_LEAF_KEY_USAGE = authority.key_usage(digital_signature=True, key_encipherment=False, ca=False)
-# RSA key exchange (TLS 1.2 RSA kx) encrypts with the leaf's key: RFC 5280 §4.2.1.3.
-_RSA_LEAF_KEY_USAGE = authority.key_usage(digital_signature=True, key_encipherment=True, ca=False)
-_NOT_A_CA = x509.BasicConstraints(ca=False, path_length=None)
+@functools.cache
+def _usage_extensions(
+    is_rsa: bool, server_auth: bool, client_auth: bool
+) -> tuple[tuple[x509.UnrecognizedExtension, bool], ...]:
+    """basicConstraints, keyUsage and extendedKeyUsage of a leaf, pre-encoded, with criticality.
+
+    RSA leaves also get keyEncipherment: TLS 1.2 RSA key exchange encrypts with the leaf's
+    key (RFC 5280 §4.2.1.3).
+    """
+    usages = []
+    if server_auth:
+        usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
+    if client_auth:
+        usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
+    if not usages:
+        raise ValueError("a leaf needs serverAuth, clientAuth or both")
+    key_usage = authority.key_usage(digital_signature=True, key_encipherment=is_rsa, ca=False)
+    return (
+        (keys.preencoded(x509.BasicConstraints(ca=False, path_length=None)), True),
+        (keys.preencoded(key_usage), True),
+        (keys.preencoded(x509.ExtendedKeyUsage(usages)), False),
+    )
 
 
 def issue_leaf(
@@ -128,7 +146,7 @@ def issue_leaf(
         CSRWeakKey: the public key is not an allowed type.
         IdentityError: the SPIFFE ID, DNS names or IPs are malformed, or there are none.
         CAExpired: the CA has expired at ``now``.
-        ValueError: ``lifetime`` is not positive.
+        ValueError: ``lifetime`` is not positive, or neither usage is asked for.
     """
     public_key = keys.check_public_key(
         subject_key.public_key()
@@ -143,7 +161,6 @@ def issue_leaf(
             f"the CA {signing.subject.rfc4514_string()} expired at "
             f"{signing.not_after.isoformat()}; it cannot issue certificates"
         )
-    is_rsa = isinstance(public_key, rsa.RSAPublicKey)
     builder = (
         x509.CertificateBuilder()
         .subject_name(_leaf_subject(identity))
@@ -152,10 +169,12 @@ def issue_leaf(
         .serial_number(authority.serial_number())
         .not_valid_before(max(now - CLOCK_SKEW, signing.not_before))
         .not_valid_after(min(now + lifetime, signing.not_after))
-        .add_extension(_NOT_A_CA, critical=True)
-        .add_extension(_RSA_LEAF_KEY_USAGE if is_rsa else _EC_LEAF_KEY_USAGE, critical=True)
-        .add_extension(_extended_key_usage(server_auth, client_auth), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
+    is_rsa = isinstance(public_key, rsa.RSAPublicKey)
+    for extension, critical in _usage_extensions(is_rsa, server_auth, client_auth):
+        builder = builder.add_extension(extension, critical=critical)
+    builder = (
+        builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(signing.aki, critical=False)
         # Not critical: our subject is never empty (RFC 5280 §4.2.1.6).
         .add_extension(x509.SubjectAlternativeName(_sans(identity)), critical=False)
@@ -172,18 +191,6 @@ def _leaf_subject(identity: LeafIdentity) -> x509.Name:
         cn = identity.common_name[:64]  # ub-common-name; pod names may be up to 253
         attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
     return x509.Name(attrs)
-
-
-@functools.cache
-def _extended_key_usage(server_auth: bool, client_auth: bool) -> x509.ExtendedKeyUsage:
-    usages = []
-    if server_auth:
-        usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
-    if client_auth:
-        usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
-    if not usages:
-        raise ValueError("a leaf needs serverAuth, clientAuth or both")
-    return x509.ExtendedKeyUsage(usages)
 
 
 def _sans(identity: LeafIdentity) -> list[x509.GeneralName]:

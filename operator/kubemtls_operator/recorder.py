@@ -3,8 +3,9 @@
 The signing API answers first and records afterwards: :meth:`Recorder.record` only
 queues. Workers coalesce per MTLSCert (the newest certificate wins, ``rotations`` counts
 every one), write with a resourceVersion precondition, and retry until the write lands —
-nothing is lost to a conflict or an API hiccup. If the pod's MTLSCert does not exist yet
-(the sidecar asked before the pod handler ran), it is created first.
+nothing is lost to a conflict or an API hiccup. A write waits ``settle`` seconds after the
+first issuance it records, so a pod that re-keys in a burst costs one write. If the pod's
+MTLSCert does not exist yet (the sidecar asked before the pod handler ran), it is created.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class Recorder:
     #: Extra facts for the status evaluation: ``(ns, name) → kwargs`` of status.evaluate.
     context: Callable[[Issuance], dict[str, Any]] = lambda _: {}
     workers: int = 8
+    settle: float = 0.25
     latest: dict[Key, Issuance] = dataclasses.field(default_factory=dict)
     _pending: dict[Key, tuple[Issuance, int]] = dataclasses.field(default_factory=dict)
     _queue: asyncio.Queue[Key] = dataclasses.field(default_factory=asyncio.Queue)
@@ -71,7 +73,8 @@ class Recorder:
         self._pending[key] = (issued, (prev[1] if prev else 0) + 1)
         self._idle.clear()
         if prev is None:
-            self._queue.put_nowait(key)
+            # A short settle time lets a burst of re-issues to one pod become one write.
+            asyncio.get_running_loop().call_later(self.settle, self._queue.put_nowait, key)
 
     def pending(self, key: Key) -> bool:
         return key in self._pending
@@ -82,11 +85,11 @@ class Recorder:
             asyncio.create_task(self._work(), name=f"recorder-{i}") for i in range(self.workers)
         ]
 
-    async def stop(self, timeout: float = 5.0) -> None:
+    async def stop(self, flush_seconds: float = 5.0) -> None:
         """Flush what is queued (up to ``timeout``), then stop the workers."""
         if self._pending:
             try:
-                await asyncio.wait_for(self._idle.wait(), timeout)
+                await asyncio.wait_for(self._idle.wait(), flush_seconds)
             except TimeoutError:
                 logger.warning("%d MTLSCert status writes not flushed at stop", len(self._pending))
         for t in self._tasks:

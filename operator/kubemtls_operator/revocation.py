@@ -75,7 +75,8 @@ class Revocation:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Revocation:
         t, na = parse_time(d["time"]), parse_time(d["notAfter"])
-        assert t is not None and na is not None
+        if t is None or na is None:
+            raise ValueError(f"revocation of {d.get('serial')} lacks a time or notAfter")
         return cls(d["serial"], d["reason"], t, na, d["issuer"], d.get("subject", ""))
 
 

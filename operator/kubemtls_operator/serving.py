@@ -68,10 +68,17 @@ class ServingCert:
 
     @property
     def host(self) -> str:
-        """The name kopf puts in a managed webhook's URL: BIND_ADDRESS if specific."""
+        """The name kopf puts in a managed webhook's URL: BIND_ADDRESS if specific.
+
+        Bound to every address, the first IP of SERVING_EXTRA_SANS (off-cluster managed
+        mode: the demo lists 127.0.0.1 first, where its API server calls webhooks), else
+        the Service's DNS name.
+        """
         ips = self.cfg.serving_ip_addresses
         if self.cfg.bind_address in ips:
             return self.cfg.bind_address
+        if ips:
+            return ips[0]
         return self.cfg.serving_dns_names[0]
 
     def needs_renewal(self, signing: pki.CA | None, now: datetime.datetime) -> bool:

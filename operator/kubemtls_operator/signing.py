@@ -25,8 +25,8 @@ from typing import Any
 from aiohttp import web
 from kubemtls_sidecar import certs
 
+from kubemtls_operator import annotations as podannotations
 from kubemtls_operator import (
-    annotations,
     ca,
     config,
     errors,
@@ -45,7 +45,7 @@ __all__ = ["MAX_BODY", "Signer"]
 logger = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024
-SIGNER_KEY = web.AppKey("signer", "Signer")
+POD_KEY = web.RequestKey("pod", str)
 
 Refused = errors.SigningRefused
 
@@ -67,7 +67,7 @@ async def _refusals(request: web.Request, handler: Any) -> web.StreamResponse:
         response: web.StreamResponse = await handler(request)
         return response
     except Refused as e:
-        who = request.get("pod", "-")
+        who = request.get(POD_KEY, "-")
         logger.warning(
             "refused %s %s for pod %s: %s (%s)",
             request.method,
@@ -90,10 +90,12 @@ class Signer:
     lookup_pod: Callable[[str, str], Awaitable[workload.PodFacts | None]]
     #: (namespace, name) → what the MTLSCert's status says (the kopf index).
     cert_status: Callable[[str, str], status.CertView | None]
+    _identities: dict[workload.PodFacts, tuple[pki.LeafIdentity, datetime.timedelta]] = (
+        dataclasses.field(default_factory=dict)
+    )
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[_refusals])
-        app[SIGNER_KEY] = self
         app.router.add_post("/v1/certificates", self.post_certificate)
         app.router.add_get("/v1/trust", self.get_trust)
         return app
@@ -109,7 +111,7 @@ class Signer:
                 "send the pod's projected token as 'Authorization: Bearer <token>'",
             )
         ident = await self.reviewer.identify(token.strip())
-        request["pod"] = f"{ident.namespace}/{ident.pod_name}"
+        request[POD_KEY] = f"{ident.namespace}/{ident.pod_name}"
         pod = await self.lookup_pod(ident.namespace, ident.pod_name)
         if pod is None or pod.deleting:
             raise Refused(
@@ -121,7 +123,8 @@ class Signer:
             raise Refused(
                 403,
                 "PodUIDMismatch",
-                f"the token names pod UID {ident.pod_uid}, but {ident.namespace}/{ident.pod_name} is {pod.uid}",
+                f"the token names pod UID {ident.pod_uid}, but "
+                f"{ident.namespace}/{ident.pod_name} is {pod.uid}",
             )
         if not pod.opted_in:
             raise Refused(
@@ -149,13 +152,7 @@ class Signer:
             raise Refused(413, "BodyTooLarge", f"the request body is larger than {MAX_BODY} bytes")
         pod = await self._pod(request)
         csr_pem = await self._csr(request)
-        try:
-            spec = workload.spec_of(pod, self.cfg)
-            identity = workload.leaf_identity(pod, spec, self.cfg)
-        except (annotations.AnnotationError, ValueError) as e:
-            raise Refused(
-                403, "InvalidAnnotations", f"the pod's kubemtls annotations are not valid: {e}"
-            ) from e
+        identity, lifetime = self._identity(pod)
         try:
             csr = pki.load_csr(csr_pem)
         except pki.CSRWeakKey as e:
@@ -167,13 +164,13 @@ class Signer:
         auth = self._authority()
         now = datetime.datetime.now(datetime.UTC)
         try:
-            leaf = pki.issue_leaf(
-                auth.signing, csr, identity, now=now, lifetime=workload.lifetime(spec, self.cfg)
-            )
+            leaf = pki.issue_leaf(auth.signing, csr, identity, now=now, lifetime=lifetime)
         except pki.PKIError as e:
             raise Refused(503, "CAUnavailable", f"the CA cannot sign: {e}") from e
         nb, na = leaf.not_valid_before_utc, leaf.not_valid_after_utc
-        renew = pki.renewal_time(nb, na, fraction=self.cfg.renew_fraction)
+        # From issuance, not the backdated notBefore: with CLOCK_SKEW counted in, a short
+        # leaf (the demo's 2m) would get a renewAt in the past.
+        renew = pki.renewal_time(max(nb, now), na, fraction=self.cfg.renew_fraction)
         body = {
             "certificateChain": pki.chain_pem(leaf, auth.signing).decode(),
             "trustBundle": auth.bundle_pem.decode(),
@@ -204,6 +201,23 @@ class Signer:
             body["notAfter"],
         )
         return _json(200, body)
+
+    def _identity(self, pod: workload.PodFacts) -> tuple[pki.LeafIdentity, datetime.timedelta]:
+        """The leaf's identity and lifetime from the pod (cached: a pod's facts are immutable)."""
+        hit = self._identities.get(pod)
+        if hit is not None:
+            return hit
+        try:
+            spec = workload.spec_of(pod, self.cfg)
+            hit = workload.leaf_identity(pod, spec, self.cfg), workload.lifetime(spec, self.cfg)
+        except (podannotations.AnnotationError, ValueError) as e:
+            raise Refused(
+                403, "InvalidAnnotations", f"the pod's kubemtls annotations are not valid: {e}"
+            ) from e
+        if len(self._identities) > 50_000:
+            self._identities.clear()
+        self._identities[pod] = hit
+        return hit
 
     async def _csr(self, request: web.Request) -> str:
         try:

@@ -95,7 +95,7 @@ def _expiring(
         if left <= alert_window:
             return Condition("Expiring", "True", "ExpiresIn30Days", f"expires at {cert.not_after}")
     elif cert.renewal_time is not None:
-        slack = min(MAX_RENEWAL_SLACK, life * 0.02)
+        slack = min(MAX_RENEWAL_SLACK, (cert.not_after - cert.renewal_time) * 0.1)
         if now > cert.renewal_time + slack:
             return Condition(
                 "Expiring",
@@ -210,6 +210,8 @@ def transitions(
         changed = prev is None or (prev.status, prev.reason) != (cond.status, cond.reason)
         if not changed:
             continue
-        if (cond.type == "Expiring" and cond.status == "True") or (cond.type == "Ready" and cond.reason in (R.EXPIRED, "CAUnavailable")):
+        if (cond.type == "Expiring" and cond.status == "True") or (
+            cond.type == "Ready" and cond.reason in (R.EXPIRED, "CAUnavailable")
+        ):
             events.append(("Warning", cond.reason, cond.message))
     return events

@@ -49,7 +49,7 @@ class Runtime:
     publisher: trust.Publisher
     recorder: recorder.Recorder
     reviewer: tokens.Reviewer
-    sweeper: sweeper.Sweeper
+    checker: sweeper.Sweeper
     serving: serving.ServingCert
     pods: Any  # the kopf index: (ns, name) → [PodFacts]
     certs: Any  # the kopf index: (ns, name) → [CertRecord]
@@ -140,12 +140,12 @@ async def start(cfg: config.Config, *, pods: Any, certs: Any, client: kube.Clien
         recorder=rec,
         reviewer=tokens.Reviewer(client),
         serving=serving.ServingCert(cfg),
-        sweeper=None,  # type: ignore[arg-type]
+        checker=None,  # type: ignore[arg-type]
         pods=pods,
         certs=certs,
     )
-    rt.sweeper = sweeper.Sweeper(client, cfg, manager, rec, rt.cert_records)
-    rec.context = lambda issued: rt.sweeper.context(
+    rt.checker = sweeper.Sweeper(client, cfg, manager, rec, rt.cert_records)
+    rec.context = lambda issued: rt.checker.context(
         status.CertView(issued.serial, issued.issuer, issued.not_before, issued.not_after)
     )
     manager.live_issuers = rt.live_issuers
@@ -165,7 +165,7 @@ async def start(cfg: config.Config, *, pods: Any, certs: Any, client: kube.Clien
         rt.runners.append(await _site(ops, host, cfg.health_port))
     interval = cfg.check_interval.total_seconds()
     rt.tasks.append(asyncio.create_task(manager.run(interval), name="kubemtls CA"))
-    rt.tasks.append(asyncio.create_task(rt.sweeper.run(interval), name="kubemtls sweep"))
+    rt.tasks.append(asyncio.create_task(rt.checker.run(interval), name="kubemtls sweep"))
     return rt
 
 

@@ -3,7 +3,7 @@
 Pure: a pod body in, frozen values out. The leaf's identity comes from here only — the
 pod's namespace, service account, name, hostname/subdomain and validated
 ``kubemtls.io/dns-names`` — never from a CSR. Annotations are validated by the same code
-the webhook uses (``annotations.parse``), so what admission refuses is never signed.
+the webhook uses (``podannotations.parse``), so what admission refuses is never signed.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any
 
 from kubemtls_sidecar import certs, contract
 
-from kubemtls_operator import annotations, config, naming, pki
+from kubemtls_operator import annotations as podannotations
+from kubemtls_operator import config, naming, pki
 
 __all__ = ["PodFacts", "facts", "leaf_identity", "lifetime", "mtlscert_body", "opted_in"]
 
@@ -70,8 +71,8 @@ def facts(body: Mapping[str, Any]) -> PodFacts:
     )
 
 
-def _limits(cfg: config.Config) -> annotations.Limits:
-    return annotations.Limits(
+def _limits(cfg: config.Config) -> podannotations.Limits:
+    return podannotations.Limits(
         trust_domain=cfg.trust_domain,
         cluster_domain=cfg.cluster_domain,
         cert_duration_min=cfg.cert_duration_min,
@@ -80,23 +81,23 @@ def _limits(cfg: config.Config) -> annotations.Limits:
     )
 
 
-def spec_of(pod: PodFacts, cfg: config.Config) -> annotations.AnnotationSpec:
-    """The pod's validated kubemtls annotations.
+def spec_of(pod: PodFacts, cfg: config.Config) -> podannotations.AnnotationSpec:
+    """The pod's validated kubemtls podannotations.
 
     Raises:
-        annotations.AnnotationError: an annotation admission would have refused.
+        podannotations.AnnotationError: an annotation admission would have refused.
     """
-    return annotations.parse(pod.annotation_map, namespace=pod.namespace, limits=_limits(cfg))
+    return podannotations.parse(pod.annotation_map, namespace=pod.namespace, limits=_limits(cfg))
 
 
-def lifetime(spec: annotations.AnnotationSpec, cfg: config.Config) -> datetime.timedelta:
+def lifetime(spec: podannotations.AnnotationSpec, cfg: config.Config) -> datetime.timedelta:
     """The pod's leaf lifetime: its annotation, else the default, within the bounds."""
     wanted = spec.cert_duration or cfg.cert_duration
     return min(max(wanted, cfg.cert_duration_min), cfg.cert_duration_max)
 
 
 def dns_names(
-    pod: PodFacts, spec: annotations.AnnotationSpec, cfg: config.Config
+    pod: PodFacts, spec: podannotations.AnnotationSpec, cfg: config.Config
 ) -> tuple[str, ...]:
     names: list[str] = []
     if pod.hostname and pod.subdomain:
@@ -106,7 +107,7 @@ def dns_names(
 
 
 def leaf_identity(
-    pod: PodFacts, spec: annotations.AnnotationSpec, cfg: config.Config
+    pod: PodFacts, spec: podannotations.AnnotationSpec, cfg: config.Config
 ) -> pki.LeafIdentity:
     """DESIGN.md §Identity: SPIFFE ID, CN=<pod>, OU=<namespace>, real DNS names only.
 
@@ -129,8 +130,8 @@ def mtlscert_body(pod: PodFacts, cfg: config.Config) -> dict[str, Any]:
     """
     try:
         spec = spec_of(pod, cfg)
-    except annotations.AnnotationError:
-        spec = annotations.AnnotationSpec()  # the signer refuses; the record still exists
+    except podannotations.AnnotationError:
+        spec = podannotations.AnnotationSpec()  # the signer refuses; the record still exists
     return {
         "apiVersion": naming.CRD_API_VERSION,
         "kind": contract.CRD_KIND,
@@ -155,7 +156,7 @@ def mtlscert_body(pod: PodFacts, cfg: config.Config) -> dict[str, Any]:
             "serviceAccount": pod.service_account,
             "identity": certs.spiffe_id(cfg.trust_domain, pod.namespace, pod.service_account),
             "dnsNames": list(dns_names(pod, spec, cfg)),
-            "duration": annotations.format_duration(lifetime(spec, cfg)),
+            "duration": podannotations.format_duration(lifetime(spec, cfg)),
             "keyType": spec.key_type,
         },
     }

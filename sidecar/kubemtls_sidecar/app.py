@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import logging
 import signal
+import ssl
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -58,7 +59,12 @@ class Sidecar:
         self.cfg = cfg
         self.metrics = metrics.Metrics()
         upstream_pem = cfg.upstream_ca.read_bytes() if cfg.upstream_ca else None
-        self.store = tlsstore.TlsStore(self.metrics, upstream_ca_pem=upstream_pem)
+        min_version = (
+            ssl.TLSVersion.TLSv1_3 if cfg.tls_min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+        )
+        self.store = tlsstore.TlsStore(
+            self.metrics, upstream_ca_pem=upstream_pem, min_version=min_version
+        )
         self.tracker = conns.Tracker(cfg.max_connections)
         self.files = watch.FileSource(cfg, self.store, self.metrics, watch_cert=cfg.signer is None)
         self.servers: list[asyncio.Server] = []

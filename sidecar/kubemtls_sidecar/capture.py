@@ -9,6 +9,7 @@ and recovers where each was going (``SO_ORIGINAL_DST``):
   ``--allowed-peer``, ``--protocol``), then plaintext to ``127.0.0.1:<original port>``,
   only for a port the pod annotated (anything else is refused, so the capture port can
   never be used to reach an unlisted local port).
+- kubelet's probes of intercepted ports arrive on the admin port (``appprobes``).
 - outbound: the upstream comes from ``--outbound PORT=HOST:UPSTREAM_PORT`` by the
   original port; when several entries share a port, or with ``--protocol http``, the
   request's ``Host`` picks the entry. A connection with no entry is refused and closed:
@@ -24,6 +25,7 @@ import h11
 
 from kubemtls_sidecar import (
     app,
+    appprobes,
     config,
     inbound,
     logs,
@@ -214,10 +216,17 @@ class CaptureOutbound:
 
 
 def listeners(s: app.Sidecar) -> list[app.ListenerSpec]:
-    """The two capture sockets of ``--mode transparent`` (none in explicit mode)."""
+    """The two capture sockets of ``--mode transparent`` (none in explicit mode).
+
+    Also adds the admin routes of the app probes the webhook rewrote (``appprobes``).
+
+    Raises:
+        ConfigError: ``--app-probes`` is not valid.
+    """
     if s.cfg.mode != "transparent":
         return []
     cfg = s.cfg
+    appprobes.register(s.admin, appprobes.parse(cfg.app_probes))
     specs = []
     if cfg.inbound:
         ib = CaptureInbound(s)

@@ -66,6 +66,8 @@ class Config:
     drain_timeout: float
     max_connections: int
     reload_interval: float
+    tls_min_version: str
+    resolve: tuple[tuple[str, str], ...]  # (name, address): dial address, verify name
     pod_name: str | None
     pod_namespace: str | None
     api_server: tuple[str, int] | None  # KUBERNETES_SERVICE_HOST/_PORT (never redirected)
@@ -74,6 +76,7 @@ class Config:
     max_header_bytes: int = 64 * 1024
     inbound_capture_port: int = contract.INBOUND_CAPTURE_PORT
     outbound_capture_port: int = contract.OUTBOUND_CAPTURE_PORT
+    app_probes: str | None = None  # JSON from the webhook (appprobes.parse validates it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +156,7 @@ _FLAGS: tuple[_Flag, ...] = (
     ),
     _Flag(
         "--admin-port",
-        "port of /healthz /readyz /metrics",
+        "port of /healthz /readyz /metrics (0: any free port)",
         str(contract.ADMIN_PORT),
         metavar="PORT",
     ),
@@ -168,6 +171,19 @@ _FLAGS: tuple[_Flag, ...] = (
         "address the inbound TLS listeners bind",
         "0.0.0.0",  # noqa: S104
         metavar="ADDR",
+    ),
+    _Flag(
+        "--tls-min-version",
+        "oldest TLS version accepted or offered (1.3: refuse TLS 1.2 too)",
+        "1.2",
+        choices=("1.2", "1.3"),
+    ),
+    _Flag(
+        "--resolve",
+        "NAME=ADDRESS: dial ADDRESS for an --outbound upstream NAME, still sending and "
+        "verifying NAME (like curl --resolve)",
+        repeatable=True,
+        metavar="NAME=ADDRESS",
     ),
     _Flag("--log-format", "json lines or text", "text", choices=("json", "text")),
     _Flag(
@@ -247,6 +263,12 @@ _FLAGS: tuple[_Flag, ...] = (
         "transparent mode: where redirected outbound connections arrive",
         str(contract.OUTBOUND_CAPTURE_PORT),
         metavar="PORT",
+    ),
+    _Flag(
+        "--app-probes",
+        "transparent mode: the app's httpGet/tcpSocket probes that the webhook rewrote to "
+        "the admin port (JSON by path; set by the webhook)",
+        metavar="JSON",
     ),
 )
 
@@ -426,7 +448,7 @@ def parse(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = Non
         allowed_peers=tuple(items("allowed_peer")),
         protocol=s("protocol"),
         mode=mode,
-        admin_port=_port("--admin-port", s("admin_port")),
+        admin_port=0 if s("admin_port") == "0" else _port("--admin-port", s("admin_port")),
         admin_address=s("admin_address"),
         listen_address=s("listen_address"),
         log_format=s("log_format"),
@@ -440,6 +462,8 @@ def parse(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = Non
         drain_timeout=_number("--drain-timeout", s("drain_timeout")),
         max_connections=int(_number("--max-connections", s("max_connections"), minimum=1)),
         reload_interval=_number("--reload-interval", s("reload_interval"), minimum=0.1),
+        tls_min_version=s("tls_min_version"),
+        resolve=tuple(_resolve(t) for t in items("resolve")),
         pod_name=opt("pod_name"),
         pod_namespace=opt("pod_namespace"),
         api_server=_api_server(env),
@@ -447,11 +471,23 @@ def parse(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = Non
         max_header_bytes=int(_number("--max-header-bytes", s("max_header_bytes"), minimum=1024)),
         inbound_capture_port=_port("--inbound-capture-port", s("inbound_capture_port")),
         outbound_capture_port=_port("--outbound-capture-port", s("outbound_capture_port")),
+        app_probes=opt("app_probes"),
     )
     if not install:
         _check_files(cfg)
         _check_ports(cfg)
     return cfg
+
+
+def _resolve(text: str) -> tuple[str, str]:
+    name, sep, address = text.partition("=")
+    if not sep or not name or not address:
+        raise errors.ConfigError(f"--resolve {text!r}: expected NAME=ADDRESS")
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise errors.ConfigError(f"--resolve {text!r}: {address!r} is not an IP address") from None
+    return name, address
 
 
 def _api_server(env: Mapping[str, str]) -> tuple[str, int] | None:
@@ -474,7 +510,7 @@ def _check_files(cfg: Config) -> None:
 
 
 def _check_ports(cfg: Config) -> None:
-    seen: dict[int, str] = {cfg.admin_port: "--admin-port"}
+    seen: dict[int, str] = {cfg.admin_port: "--admin-port"} if cfg.admin_port else {}
     ports: list[tuple[int, str]] = []
     for i in cfg.inbound:
         if i.listen_port is not None:

@@ -150,5 +150,5 @@ OPERATOR_ENV_PREFIX = "KUBEMTLS_OPERATOR_"
 
 
 def env_name(flag: str) -> str:
-    """The environment variable of a sidecar flag (``--allowed-peer`` → ``KUBEMTLS_ALLOWED_PEER``)."""
+    """A sidecar flag's environment variable (``--allowed-peer`` → ``KUBEMTLS_ALLOWED_PEER``)."""
     return SIDECAR_ENV_PREFIX + flag.lstrip("-").upper().replace("-", "_")

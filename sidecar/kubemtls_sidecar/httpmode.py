@@ -85,11 +85,34 @@ class _Closed(Exception):
     """The other side closed (or broke) the connection."""
 
 
-async def _next_event(conn: h11.Connection, reader: Reader) -> object:
+class _Out:
+    """h11 events for one writer, coalesced: one write (and drain) per batch, not per event."""
+
+    __slots__ = ("buf", "conn", "writer")
+
+    def __init__(self, conn: h11.Connection, writer: Writer) -> None:
+        self.conn, self.writer, self.buf = conn, writer, bytearray()
+
+    def add(self, event: h11.Event) -> None:
+        data = self.conn.send(event)
+        if data:
+            self.buf += data
+
+    async def flush(self) -> None:
+        if self.buf:
+            self.writer.write(bytes(self.buf))
+            self.buf.clear()
+            await self.writer.drain()
+
+
+async def _next_event(conn: h11.Connection, reader: Reader, out: _Out | None = None) -> object:
+    """The next event of ``conn``, reading as needed (flushing ``out`` before waiting)."""
     while True:
         event = conn.next_event()
         if event is not h11.NEED_DATA:
             return event
+        if out is not None:
+            await out.flush()
         try:
             data = await reader.read(_READ_SIZE)
         except (ConnectionError, OSError) as e:
@@ -104,6 +127,15 @@ async def _send(conn: h11.Connection, writer: Writer, event: h11.Event) -> None:
         await writer.drain()
 
 
+def _as_11(
+    event: h11.Response | h11.InformationalResponse,
+) -> h11.Response | h11.InformationalResponse:
+    """The response as h11 sends it: HTTP/1.1 (h11 re-frames an HTTP/1.0 answer)."""
+    if event.http_version == b"1.1":
+        return event
+    return type(event)(status_code=event.status_code, headers=event.headers, reason=event.reason)
+
+
 class HttpForwarder:
     """Forward HTTP/1.1 between a TLS peer (downstream) and the app (upstream)."""
 
@@ -112,6 +144,8 @@ class HttpForwarder:
         self._settings = settings
         self._identity = xfcc.identity_headers(peer.der, peer.intermediates, by=by)
         self._x5t = peer.x5t_s256
+        # The last Authorization values and their verdict (the peer is fixed per connection).
+        self._verdict: tuple[tuple[bytes, ...] | None, tokenbinding.Refusal | None] = (None, None)
 
     async def run(
         self, down_reader: Reader, down_writer: Writer, up_reader: Reader, up_writer: Writer
@@ -155,12 +189,25 @@ class HttpForwarder:
             status, message, extra = request
             await self._refuse(down, down_writer, status, message, extra)
             return False
+        up_out = _Out(up, up_writer)
         try:
-            await _send(up, up_writer, request)
+            up_out.add(request)
         except h11.LocalProtocolError as e:  # e.g. HTTP/1.0 without Host
             await self._refuse(down, down_writer, 400, f"cannot forward this request: {e}")
             return False
-        await self._exchange_bodies(down, up, down_reader, down_writer, up_reader, up_writer)
+        try:
+            first = down.next_event()  # no I/O: is the whole request here already?
+        except h11.RemoteProtocolError as e:
+            await self._refuse(down, down_writer, e.error_status_hint, f"bad request: {e}")
+            return False
+        if isinstance(first, h11.EndOfMessage):  # the common case (GET): one write, no task
+            up_out.add(first)
+            await up_out.flush()
+            await self._pump_response(down, up, up_reader, down_writer)
+        else:
+            await up_out.flush()
+            streams = (down_reader, down_writer, up_reader, up_writer)
+            await self._exchange_bodies(down, up, *streams, first=first)
         if up.our_state is h11.SWITCHED_PROTOCOL and down.our_state is h11.SWITCHED_PROTOCOL:
             await _tunnel(down, up, down_reader, down_writer, up_reader, up_writer)
             return False
@@ -178,9 +225,14 @@ class HttpForwarder:
             return 431, f"the request head exceeds {self._settings.max_header_bytes} bytes", []
         headers = [(n, v) for n, v in event.headers if n not in xfcc.SPOOFABLE]
         auth = [v for n, v in event.headers if n == b"authorization"]
-        refusal = tokenbinding.check(
-            auth, self._x5t, require_bound=self._settings.require_bound_token
-        )
+        key = tuple(auth)
+        if key == self._verdict[0]:  # a keep-alive client resends the same token
+            refusal = self._verdict[1]
+        else:
+            refusal = tokenbinding.check(
+                auth, self._x5t, require_bound=self._settings.require_bound_token
+            )
+            self._verdict = (key, refusal)
         if refusal is not None:
             logger.warning(
                 "refused a request from %s: %s (401 invalid_token)",
@@ -201,13 +253,17 @@ class HttpForwarder:
         down_writer: Writer,
         up_reader: Reader,
         up_writer: Writer,
+        *,
+        first: object = h11.NEED_DATA,
     ) -> None:
         """Stream the request body up and the response down, concurrently.
 
         Concurrently, so that ``Expect: 100-continue`` and early responses (an app that
         answers 413 before reading the body) work as they would without the sidecar.
         """
-        request_task = asyncio.create_task(self._pump_request(down, up, down_reader, up_writer))
+        request_task = asyncio.create_task(
+            self._pump_request(down, up, down_reader, up_writer, first)
+        )
         response_task = asyncio.create_task(self._pump_response(down, up, up_reader, down_writer))
         pending: set[asyncio.Task[None]] = {request_task, response_task}
         try:
@@ -225,18 +281,27 @@ class HttpForwarder:
                     await task
 
     async def _pump_request(
-        self, down: h11.Connection, up: h11.Connection, down_reader: Reader, up_writer: Writer
+        self,
+        down: h11.Connection,
+        up: h11.Connection,
+        down_reader: Reader,
+        up_writer: Writer,
+        first: object,
     ) -> None:
+        event, out = first, _Out(up, up_writer)
         while True:
-            try:
-                event = await _next_event(down, down_reader)
-            except h11.RemoteProtocolError as e:
-                logger.info("bad request body from %s: %s", self._peer.name, e)
-                raise _Closed(str(e)) from e
+            if event is h11.NEED_DATA:
+                try:
+                    event = await _next_event(down, down_reader, out)
+                except h11.RemoteProtocolError as e:
+                    logger.info("bad request body from %s: %s", self._peer.name, e)
+                    raise _Closed(str(e)) from e
             if isinstance(event, h11.Data):
-                await _send(up, up_writer, h11.Data(data=event.data))
+                out.add(event)
+                event = h11.NEED_DATA
             elif isinstance(event, h11.EndOfMessage):
-                await _send(up, up_writer, h11.EndOfMessage(headers=event.headers))
+                out.add(event)
+                await out.flush()
                 return
             else:  # ConnectionClosed mid-body
                 raise _Closed("the client closed mid-request")
@@ -244,24 +309,28 @@ class HttpForwarder:
     async def _pump_response(
         self, down: h11.Connection, up: h11.Connection, up_reader: Reader, down_writer: Writer
     ) -> None:
+        out = _Out(down, down_writer)
         while True:
             try:
-                event = await _next_event(up, up_reader)
+                event = await _next_event(up, up_reader, out)
             except (h11.RemoteProtocolError, _Closed) as e:
+                await out.flush()
                 await self._refuse(down, down_writer, 502, f"the app's answer is broken: {e}")
                 raise _Closed(str(e)) from e
             if isinstance(event, h11.InformationalResponse):
-                await _send(down, down_writer, event)
+                out.add(_as_11(event))
                 if event.status_code == 101:
+                    await out.flush()
                     return
             elif isinstance(event, h11.Response):
-                await _send(down, down_writer, event)
-            elif isinstance(event, h11.Data):
-                await _send(down, down_writer, h11.Data(data=event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                await _send(down, down_writer, h11.EndOfMessage(headers=event.headers))
-                return
+                out.add(_as_11(event))
+            elif isinstance(event, h11.Data | h11.EndOfMessage):
+                out.add(event)
+                if isinstance(event, h11.EndOfMessage):
+                    await out.flush()
+                    return
             else:  # ConnectionClosed before the response ended
+                await out.flush()
                 await self._refuse(down, down_writer, 502, "the app closed the connection")
                 raise _Closed("the app closed the connection")
 

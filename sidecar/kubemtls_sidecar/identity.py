@@ -44,8 +44,15 @@ class Backoff:
     cap: float = 60.0
     attempts: int = 0
 
-    def next_delay(self) -> float:
-        delay = min(self.cap, self.base * float(1 << min(self.attempts, 30)))
+    def next_delay(self, remaining: float | None = None) -> float:
+        """The next pause; with ``remaining`` seconds of validity, at most a tenth of them.
+
+        An expired certificate retries at least every 10 s: the pod is not serving.
+        """
+        cap = self.cap
+        if remaining is not None:
+            cap = min(cap, max(1.0, remaining / 10) if remaining > 0 else 10.0)
+        delay = min(cap, self.base * float(1 << min(self.attempts, 30)))
         self.attempts += 1
         jitter: float = random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not secrecy
         return delay * jitter
@@ -128,7 +135,13 @@ class SignerSource:
                 self._failed(why, e.reason, e.message, e.status)
             except ValueError as e:  # the answer's certificates do not parse or match
                 self._failed(why, "BadResponse", str(e), 200)
-            await asyncio.sleep(self._backoff.next_delay())
+            await asyncio.sleep(self._backoff.next_delay(self._remaining()))
+
+    def _remaining(self) -> float | None:
+        """Seconds the certificate held is still valid (None: none held)."""
+        if self._not_after is None:
+            return None
+        return max((self._not_after - _utcnow()).total_seconds(), 0.0)
 
     def _failed(self, why: str, reason: str, message: str, status: int | None) -> None:
         self._metrics.renewal_failures.inc()

@@ -29,6 +29,7 @@ from kubemtls_sidecar import (
     certs,
     config,
     conns,
+    crl,
     logs,
     metrics,
     pipe,
@@ -220,7 +221,8 @@ class InboundListener:
 
     def _authorized(self, ep: tlsconn.TlsEndpoint, peer: Peer, snap: tlsstore.Snapshot) -> bool:
         alert = reason = None
-        if snap.software_revoked(peer.cert):
+        crls = snap.software_crl  # parse the peer's certificate only when needed
+        if crls is not None and crl.revoked(crls, peer.cert):
             alert, reason = "certificate_revoked", "the peer's certificate is on its issuer's CRL"
         elif self.cfg.allowed_peers:
             ident = peer.facts.spiffe_id
@@ -270,5 +272,4 @@ class Refuse(pipe.Endpoint):
             peer=_addr(self.peername),
             reason=self.why,
         )
-        assert isinstance(transport, asyncio.Transport)
-        transport.abort()
+        typing.cast(asyncio.Transport, transport).abort()

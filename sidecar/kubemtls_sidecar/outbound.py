@@ -34,9 +34,12 @@ async def connect_upstream(
         raise OSError("no certificate loaded yet")
     ctx = snap.upstream_ctx if cfg.upstream_ca else snap.client_ctx
     loop = asyncio.get_running_loop()
+    address = dict(cfg.resolve).get(host, host)
     async with asyncio.timeout(cfg.handshake_timeout):
         _, ep = await loop.create_connection(
-            lambda: tlsconn.TlsEndpoint(ctx, server_side=False, server_hostname=host), host, port
+            lambda: tlsconn.TlsEndpoint(ctx, server_side=False, server_hostname=host),
+            address,
+            port,
         )
         assert isinstance(ep, tlsconn.TlsEndpoint)
         try:
@@ -116,6 +119,19 @@ class OutboundListener:
                 return
             m.handshake_seconds.labels("outbound").observe(loop.time() - started)
             await _pump(upstream, app, self.cfg, m)
+            if upstream.failure is not None:
+                f = upstream.failure
+                m.handshake_failures.labels("outbound", f.alert or "none", f.code).inc()
+                logs.event(
+                    logger,
+                    logging.WARNING,
+                    "upstream TLS handshake failed; closing the app's connection",
+                    direction="outbound",
+                    upstream=where,
+                    alert=f.alert,
+                    alert_sent_by=f.sent_by,
+                    reason=f.reason,
+                )
         finally:
             if not app.closed.done():
                 app.abort()

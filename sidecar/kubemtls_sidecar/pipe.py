@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import typing
 from collections.abc import Callable
 
 __all__ = ["Endpoint", "PlainEndpoint", "fuse"]
@@ -47,8 +48,8 @@ class Endpoint(asyncio.Protocol):
 
     # --- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses; same interface.
+        self.transport = typing.cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peername = (str(peer[0]), int(peer[1])) if peer else None
         if self._on_connect is not None:

@@ -58,6 +58,9 @@ class TlsEndpoint(pipe.Endpoint):
         self.established = False
         self.handshake: asyncio.Future[None] = self._loop.create_future()
         self._truncated = False
+        #: A TLS error after the handshake (TLS 1.3: a server refusing our client
+        #: certificate answers after our handshake has completed).
+        self.failure: alerts.Failure | None = None
 
     # --- handshake ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -133,7 +136,11 @@ class TlsEndpoint(pipe.Endpoint):
         eof = False
         try:
             while True:
-                chunks.append(read(_READ_SIZE))
+                chunk = read(_READ_SIZE)
+                if not chunk:  # close_notify (CPython returns b"" until we send ours)
+                    eof = True
+                    break
+                chunks.append(chunk)
                 if not self._incoming.pending and not self.ssl.pending():
                     break
         except ssl.SSLWantReadError:
@@ -141,6 +148,7 @@ class TlsEndpoint(pipe.Endpoint):
         except ssl.SSLZeroReturnError:
             eof = True
         except ssl.SSLError as e:
+            self.failure = alerts.classify(e)
             logger.debug("TLS error in the data phase: %s", e)
             self._flush()
             self.abort()
@@ -156,10 +164,11 @@ class TlsEndpoint(pipe.Endpoint):
         if self.write_closed or self.transport is None or not self.established:
             return
         self.bytes_out += len(data)
-        view = memoryview(data)
-        while view:
-            n = self.ssl.write(view)
-            view = view[n:]
+        n = self.ssl.write(data)  # a memory BIO takes it all at once
+        if n < len(data):
+            view = memoryview(data)[n:]
+            while view:
+                view = view[self.ssl.write(view) :]
         self.transport.write(self._outgoing.read())
 
     def write_eof(self) -> None:

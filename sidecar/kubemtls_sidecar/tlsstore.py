@@ -54,9 +54,10 @@ class Snapshot:
     crls: crl.CrlSet | None  # None: no crl.pem at all
     crl_in_openssl: bool  # False: checked in software after the handshake
 
-    def software_revoked(self, leaf: x509.Certificate) -> bool:
-        """Revocation by CRLs OpenSSL was not given (missing or stale ones)."""
-        return not self.crl_in_openssl and self.crls is not None and crl.revoked(self.crls, leaf)
+    @property
+    def software_crl(self) -> crl.CrlSet | None:
+        """CRLs to check after the handshake (those OpenSSL was not given), if any."""
+        return None if self.crl_in_openssl else self.crls
 
 
 @contextlib.contextmanager
@@ -70,9 +71,9 @@ def _memfile(name: str, data: bytes) -> Iterator[str]:
         os.close(fd)
 
 
-def _base_context(purpose: int) -> ssl.SSLContext:
+def _base_context(purpose: int, min_version: ssl.TLSVersion) -> ssl.SSLContext:
     ctx = ssl.SSLContext(purpose)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.minimum_version = min_version
     ctx.set_ciphers(CIPHERS_TLS12)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     ctx.verify_mode = ssl.CERT_REQUIRED
@@ -94,6 +95,7 @@ def build_contexts(
     trust_pem: bytes,
     crl_pem: bytes | None,
     upstream_pem: bytes | None,
+    min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2,
 ) -> tuple[ssl.SSLContext, ssl.SSLContext, ssl.SSLContext]:
     """(server, client, upstream) contexts presenting ``chain_pem`` with ``key``."""
     key_pem = key.private_bytes(
@@ -101,13 +103,13 @@ def build_contexts(
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    server = _base_context(ssl.PROTOCOL_TLS_SERVER)
+    server = _base_context(ssl.PROTOCOL_TLS_SERVER, min_version)
     # Our clients never resume; tickets would cost an encryption per connection.
     server.options |= ssl.OP_NO_TICKET
     server.num_tickets = 0
     server.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
-    client = _base_context(ssl.PROTOCOL_TLS_CLIENT)
-    upstream = _base_context(ssl.PROTOCOL_TLS_CLIENT) if upstream_pem else client
+    client = _base_context(ssl.PROTOCOL_TLS_CLIENT, min_version)
+    upstream = _base_context(ssl.PROTOCOL_TLS_CLIENT, min_version) if upstream_pem else client
     with _memfile("kubemtls-chain", chain_pem) as cpath, _memfile("kubemtls-key", key_pem) as kpath:
         for ctx in {id(c): c for c in (server, client, upstream)}.values():
             ctx.load_cert_chain(cpath, kpath)
@@ -162,9 +164,16 @@ def verify_chain(
 class TlsStore:
     """Current material; ``update*`` validate, build, then swap one reference."""
 
-    def __init__(self, m: metrics.Metrics, *, upstream_ca_pem: bytes | None = None) -> None:
+    def __init__(
+        self,
+        m: metrics.Metrics,
+        *,
+        upstream_ca_pem: bytes | None = None,
+        min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2,
+    ) -> None:
         self.metrics = m
         self.upstream_ca_pem = upstream_ca_pem
+        self.min_version = min_version
         self.current: Snapshot | None = None
         self.last_error: str | None = None
         self._generation = 0
@@ -266,6 +275,7 @@ class TlsStore:
             trust_pem,
             crls.pem() if crls and in_openssl else None,
             self.upstream_ca_pem,
+            self.min_version,
         )
         leaf = certs.load_pem_certificates(chain_pem)[0]
         return Snapshot(

@@ -162,8 +162,8 @@ def install_redirects(cfg: config.Config | RedirectPlan, *, run: Runner = _run) 
         ConfigError: the configuration cannot be redirected.
         KubemtlsError: iptables refused the rules (its message is included).
     """
+    rules = redirect_rules(cfg)  # validates (and refuses explicit mode) before any iptables
     plan = cfg if isinstance(cfg, RedirectPlan) else RedirectPlan.from_config(cfg)
-    rules = redirect_rules(plan)
     jumps = set(_jump_rules())
     existing = []
     for jump in jumps:

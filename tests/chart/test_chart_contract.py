@@ -34,7 +34,8 @@ CHOICES = {
 
 def _container(manifests: list[dict[str, Any]]) -> dict[str, Any]:
     (c,) = find(manifests, "Deployment")["spec"]["template"]["spec"]["containers"]
-    return c
+    container: dict[str, Any] = c
+    return container
 
 
 def _literal_env(manifests: list[dict[str, Any]]) -> dict[str, str]:
@@ -104,13 +105,15 @@ def test_ports_and_webhook_path_follow_the_contract() -> None:
         "health": contract.OPERATOR_HEALTH_PORT,
     }
     svc = {p["name"]: p for p in find(manifests, "Service")["spec"]["ports"]}
-    assert svc["webhook"]["port"] == 443 and svc["webhook"]["targetPort"] == "webhook"
+    assert svc["webhook"]["port"] == 443
+    assert svc["webhook"]["targetPort"] == "webhook"
     assert svc["signer"]["port"] == contract.SIGNER_PORT
     (hook,) = find(manifests, "MutatingWebhookConfiguration")["webhooks"]
     service = hook["clientConfig"]["service"]
     assert service["path"] == "/" + contract.WEBHOOK_HANDLER_ID
     assert service["port"] == 443
-    assert service["name"] == cfg.service and service["namespace"] == NAMESPACE
+    assert service["name"] == cfg.service
+    assert service["namespace"] == NAMESPACE
 
 
 def test_webhook_configuration_follows_design() -> None:
@@ -124,9 +127,11 @@ def test_webhook_configuration_follows_design() -> None:
     assert 1 <= hook["timeoutSeconds"] <= 30
     assert "caBundle" not in hook["clientConfig"]  # the operator patches it in at start
     (rule,) = hook["rules"]
-    assert rule["resources"] == ["pods"] and rule["operations"] == ["CREATE"]
+    assert rule["resources"] == ["pods"]
+    assert rule["operations"] == ["CREATE"]
     (expr,) = hook["namespaceSelector"]["matchExpressions"]
-    assert expr["key"] == "kubernetes.io/metadata.name" and expr["operator"] == "NotIn"
+    assert expr["key"] == "kubernetes.io/metadata.name"
+    assert expr["operator"] == "NotIn"
     assert set(expr["values"]) == {"kube-system", NAMESPACE}
 
 
@@ -148,3 +153,30 @@ def test_network_policy_admin_port_is_the_sidecar_admin_port() -> None:
     ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
     assert contract.ADMIN_PORT in ports
     assert policy["spec"]["podSelector"]["matchLabels"] == {contract.ANN_INJECT: "true"}
+
+
+def test_pod_monitor_scrapes_the_port_the_webhook_names() -> None:
+    from kubemtls_operator import annotations, sidecarspec
+
+    spec = annotations.parse(
+        {contract.ANN_INJECT: "true", contract.ANN_INBOUND: "8443:8080"},
+        namespace="ehr",
+        limits=annotations.Limits(),
+    )
+    sidecar = sidecarspec.sidecar_container(
+        spec, [], image="x", pull_policy="IfNotPresent", resources={}, native=True
+    )
+    ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
+    manifests = render("metrics.podMonitor.enabled=true")
+    monitor = find(manifests, "PodMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert ports[endpoint["port"]] == contract.ADMIN_PORT
+    assert endpoint["path"] == "/metrics"
+    assert monitor["spec"]["namespaceSelector"] == {"any": True}
+    # The chart's default NetworkPolicy admits the TLS port that annotation opens.
+    policy = find(
+        render("networkPolicy.enabled=true", "networkPolicy.namespaces={ehr}"), "NetworkPolicy"
+    )
+    admitted = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert set(ports.values()) <= admitted

@@ -50,7 +50,8 @@ def test_secrets_only_by_name_in_the_release_namespace(mode: str) -> None:
         if rule.get("resourceNames"):
             assert rule["resourceNames"] == [ca_secret]
         else:  # create cannot be limited by name: only in bootstrap mode, only create
-            assert rule["verbs"] == ["create"] and mode == "bootstrap", rule
+            assert rule["verbs"] == ["create"], rule
+            assert mode == "bootstrap", rule
     named = [r for r in _grants(role["rules"], "", "secrets") if r.get("resourceNames")]
     assert {"get", "patch", "update"} <= {v for r in named for v in r["verbs"]}
 

@@ -30,7 +30,11 @@ OPTIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("1.29.0",),
     ),
     "monitoring": (
-        ("metrics.prometheusRule.enabled=true", "metrics.serviceMonitor.enabled=true"),
+        (
+            "metrics.prometheusRule.enabled=true",
+            "metrics.serviceMonitor.enabled=true",
+            "metrics.podMonitor.enabled=true",
+        ),
         ("1.29.0",),
     ),
     "network-policy": (
@@ -53,6 +57,7 @@ OPTIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
             "webhook.excludeNamespaces={monitoring}",
             "metrics.prometheusRule.enabled=true",
             "metrics.serviceMonitor.enabled=true",
+            "metrics.podMonitor.enabled=true",
             "metrics.prometheusRule.alertLabels.team=platform",
             "networkPolicy.enabled=true",
             "networkPolicy.namespaces={ehr}",
@@ -66,7 +71,9 @@ OPTIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("1.29.0", NEWEST),
     ),
 }
-NO_SCHEMA = {"Certificate", "ServiceMonitor", "PrometheusRule", "ClusterKopfPeering"}
+NO_SCHEMA = {
+    "Certificate", "ServiceMonitor", "PodMonitor", "PrometheusRule", "ClusterKopfPeering",
+}  # fmt: skip
 
 
 def test_helm_lint_strict() -> None:
@@ -133,15 +140,19 @@ def test_deployment_is_hardened() -> None:
     assert sc["readOnlyRootFilesystem"] is True
     assert sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"] == {"drop": ["ALL"]}
-    assert sc["runAsNonRoot"] is True and sc["runAsUser"] != 0
+    assert sc["runAsNonRoot"] is True
+    assert sc["runAsUser"] != 0
     assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
-    assert {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}} in pod["volumes"]
-    assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+    # The operator's serving key lives in /tmp: in memory, never on the node's disk.
+    assert {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}} in pod["volumes"]
+    assert c["resources"]["requests"]
+    assert c["resources"]["limits"]["memory"]
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
         assert c[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
     anti = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
-    assert anti[0]["podAffinityTerm"]["labelSelector"]["matchLabels"] == (
-        dep["spec"]["selector"]["matchLabels"]
+    assert (
+        anti[0]["podAffinityTerm"]["labelSelector"]["matchLabels"]
+        == (dep["spec"]["selector"]["matchLabels"])
     )
     assert c["image"] == "ghcr.io/kubemtls/kubemtls-operator:0.1.0"
 
@@ -150,8 +161,9 @@ def test_peering_is_set_with_two_replicas() -> None:
     manifests = render()
     peering = find(manifests, "ClusterKopfPeering")
     assert peering["apiVersion"] == "kopf.dev/v1"
-    assert _env(find(manifests, "Deployment"))["KUBEMTLS_OPERATOR_PEERING"] == (
-        peering["metadata"]["name"]
+    assert (
+        _env(find(manifests, "Deployment"))["KUBEMTLS_OPERATOR_PEERING"]
+        == (peering["metadata"]["name"])
     )
     crds = {m["metadata"]["name"] for m in manifests if m["kind"] == "CustomResourceDefinition"}
     assert {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"} <= crds
@@ -178,7 +190,7 @@ def test_settings_follow_the_values() -> None:
         "*.partner-a.example.org,fhir.partner-b.example.org"
     )
     assert env["KUBEMTLS_OPERATOR_RENEW_FRACTION"] == "0.5"
-    assert json.loads(env["KUBEMTLS_OPERATOR_SIDECAR_RESOURCES"]) == {
+    assert json.loads(env["KUBEMTLS_OPERATOR_SIDECAR_RESOURCES"] or "") == {
         "requests": {"cpu": "20m", "memory": "32Mi"},
         "limits": {"memory": "128Mi"},
     }
@@ -210,7 +222,8 @@ def test_cert_manager_mode_renders_a_ca_certificate() -> None:
     spec = cert["spec"]
     assert spec["isCA"] is True
     assert spec["issuerRef"] == {"name": "corp-pki", "kind": "Issuer", "group": "cert-manager.io"}
-    assert "cert sign" in spec["usages"] and "crl sign" in spec["usages"]
+    assert "cert sign" in spec["usages"]
+    assert "crl sign" in spec["usages"]
     env = _env(find(manifests, "Deployment"))
     assert env["KUBEMTLS_OPERATOR_CA_SECRET"] == spec["secretName"]
     assert env["KUBEMTLS_OPERATOR_CA_BOOTSTRAP"] == "false"
@@ -244,7 +257,8 @@ def test_network_policy_admits_only_tls_and_admin_ports() -> None:
 
 def test_values_schema_rejects_a_typo() -> None:
     err = render_error("replicaCont=3")
-    assert "replicaCont" in err and "additional properties" in err
+    assert "replicaCont" in err
+    assert "additional properties" in err
     assert "nestedTypo" in render_error("webhook.nestedTypo=true")
 
 
@@ -288,7 +302,9 @@ def test_kube_version_floor_is_enforced() -> None:
 
 def test_notes_warn_first_then_say_how_to_opt_in() -> None:
     # helm's own default Kubernetes version (1.35 for helm 4.1) satisfies sidecar.native.
-    proc = run_helm("install", "kubemtls", str(chartkit.CHART), "-n", "kubemtls", "--dry-run=client")
+    proc = run_helm(
+        "install", "kubemtls", str(chartkit.CHART), "-n", "kubemtls", "--dry-run=client"
+    )
     assert proc.returncode == 0, proc.stderr
     notes = proc.stdout.split("NOTES:", 1)[1]
     lines = [line for line in notes.splitlines() if line.strip()]
@@ -334,8 +350,8 @@ def _undocumented_keys(lines: list[str]) -> list[str]:
         if inside_example or (not rest.strip() and key not in FREE_FORM):
             continue
         j = i - 1
-        while j >= 0 and lines[j].strip().startswith("#") and not lines[j].strip().startswith(
-            "# --"
+        while (
+            j >= 0 and lines[j].strip().startswith("#") and not lines[j].strip().startswith("# --")
         ):
             j -= 1
         if j < 0 or not lines[j].strip().startswith("# --"):

@@ -12,6 +12,7 @@ import copy
 from typing import Any
 
 import celpy
+import celpy.adapter
 import jsonschema
 import kubernetes_validate
 import pytest
@@ -45,7 +46,9 @@ GOOD: dict[str, Any] = {
         "fingerprintSHA256": "ab" * 32,
         "issuer": "CN=kubemtls root",
         "rotations": 3,
-        "revocations": [{"serial": "5f2a9b", "reason": "keyCompromise", "time": "2026-11-25T19:00:00Z"}],
+        "revocations": [
+            {"serial": "5f2a9b", "reason": "keyCompromise", "time": "2026-11-25T19:00:00Z"}
+        ],
         "conditions": [
             {"type": "Ready", "status": "True", "reason": "Issued", "message": "ok"},
             {"type": "Injected", "status": "True", "reason": "Injected", "message": ""},
@@ -114,7 +117,9 @@ def test_crd_names_and_kopf_needs() -> None:
 
 def test_good_mtlscert_passes_the_schema() -> None:
     jsonschema.validate(GOOD, SCHEMA)
-    minimal = {"spec": {k: GOOD["spec"][k] for k in ("podName", "podUID", "serviceAccount", "identity")}}
+    minimal = {
+        "spec": {k: GOOD["spec"][k] for k in ("podName", "podUID", "serviceAccount", "identity")}
+    }
     jsonschema.validate(minimal, SCHEMA)
 
 
@@ -139,7 +144,7 @@ def _cel_allows(obj: dict[str, Any], path: str, rule: str) -> bool:
     node: Any = obj
     for part in filter(None, path.split(".")):
         node = node[part]
-    return bool(program.evaluate({"self": celpy.json_to_cel(node)}))
+    return bool(program.evaluate({"self": celpy.adapter.json_to_cel(node)}))
 
 
 def test_cel_rules_compile_and_pass_a_good_object() -> None:

@@ -41,9 +41,18 @@ def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pathlib.Pat
     config, ready = tmp / "kubeconfig", tmp / "ready"
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "kubemtls_operator.emu", "--port", "0",
-            "--kubeconfig", str(config), "--crd", str(CRD_FILE), "--ready-file", str(ready),
-        ],  # fmt: skip
+            sys.executable,
+            "-m",
+            "kubemtls_operator.emu",
+            "--port",
+            "0",
+            "--kubeconfig",
+            str(config),
+            "--crd",
+            str(CRD_FILE),
+            "--ready-file",
+            str(ready),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -51,7 +60,9 @@ def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pathlib.Pat
         deadline = time.monotonic() + 30
         while not (ready.exists() and ready.read_text().strip()):
             if proc.poll() is not None:
-                pytest.fail(f"emulator exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+                pytest.fail(
+                    f"emulator exited: {proc.stderr.read().decode() if proc.stderr else ''}"
+                )
             if time.monotonic() > deadline:
                 pytest.fail("emulator not ready within 30 s")
             time.sleep(0.05)
@@ -157,9 +168,20 @@ def test_annotate_for_revocation(kubeconfig: pathlib.Path, mtlscert: str) -> Non
     )  # fmt: skip
     assert "annotated" in out
     annotations = json.loads(
-        kubectl(kubeconfig, "get", "mtlscert", mtlscert, "-n", NS, "-o", "jsonpath={.metadata.annotations}")
+        kubectl(
+            kubeconfig,
+            "get",
+            "mtlscert",
+            mtlscert,
+            "-n",
+            NS,
+            "-o",
+            "jsonpath={.metadata.annotations}",
+        )
     )
     assert annotations["kubemtls.io/revoke"] == "keyCompromise"
     # The status subresource kept what the operator wrote.
-    phase = kubectl(kubeconfig, "get", "mtlscert", mtlscert, "-n", NS, "-o", "jsonpath={.status.phase}")
+    phase = kubectl(
+        kubeconfig, "get", "mtlscert", mtlscert, "-n", NS, "-o", "jsonpath={.status.phase}"
+    )
     assert phase == "Issued"

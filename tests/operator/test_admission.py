@@ -16,9 +16,13 @@ from typing import Any
 
 import aiohttp
 import jsonpatch
+import kopf
 import pytest
+import testkit
 import yaml
-from kubemtls_operator import admissionserver
+from kopf.testing import KopfRunner
+from kubemtls_operator import admissionserver, config, pki
+from kubemtls_operator.handlers import admission
 
 DATA = pathlib.Path(__file__).parent / "data"
 WEBHOOK_CONFIG = "kubemtls-injector"
@@ -87,19 +91,75 @@ class Webhook:
         return response
 
 
-@pytest.fixture
-async def webhook(start_operator: Any, api: Any) -> Webhook:
-    """The operator (conftest's ``start_operator``) with its webhook configuration managed."""
-    await start_operator(webhook_managed="true", webhook_config=WEBHOOK_CONFIG)
+async def _registered(api: Any, name: str) -> Webhook:
+    """Wait for kopf to write the webhook's clientConfig into the configuration."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 20
     while True:
-        found = await api.get_or_none(f"{MWC}/{WEBHOOK_CONFIG}")
+        found = await api.get_or_none(f"{MWC}/{name}")
         hooks = (found or {}).get("webhooks") or []
         if hooks and hooks[0].get("clientConfig", {}).get("caBundle"):
             return Webhook(hooks[0]["clientConfig"], api.url)
         assert loop.time() < deadline, "kopf did not register the webhook configuration"
         await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def webhook(
+    k8s: Any,
+    api: Any,
+    test_pki: testkit.TestPKI,
+    tmp_path: pathlib.Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[Webhook]:
+    """kopf running only the admission handler, on our WebhookServer, in managed mode.
+
+    The whole operator (conftest's ``start_operator``) is exercised by the last tests; this
+    one starts in about a second and isolates the webhook. Its serving certificate comes
+    from the test CA, as the operator's does (kopf's self-signed one needs oscrypto, which
+    cannot read OpenSSL 3's version: TESTING.md §3).
+    """
+    k8s.write_kubeconfig(tmp_path / "kubeconfig")
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
+    cert, key = pki.issue_serving_cert(
+        test_pki.ca, dns_names=("localhost",), ip_addresses=("127.0.0.1",), now=testkit.utcnow()
+    )
+    (tmp_path / "tls.crt").write_bytes(pki.chain_pem(cert, test_pki.ca))
+    (tmp_path / "tls.key").write_bytes(pki.key_pem(key))
+    (tmp_path / "tls.key").chmod(0o600)
+    cfg = config.load({})
+
+    registry = kopf.OperatorRegistry()
+    kopf.on.login(registry=registry)(kopf.login_with_kubeconfig)
+
+    @kopf.on.startup(registry=registry)
+    def _config(memo: kopf.Memo, **_: Any) -> None:
+        memo.config = cfg
+
+    for handler in kopf.get_default_registry()._webhooks.get_all_handlers():
+        if handler.fn is admission.pod_inject:
+            registry._webhooks.append(handler)
+    settings = kopf.OperatorSettings()
+    settings.admission.server = admissionserver.WebhookServer(
+        addr="127.0.0.1",
+        host="127.0.0.1",
+        certfile=str(tmp_path / "tls.crt"),
+        pkeyfile=str(tmp_path / "tls.key"),
+        cadata=pki.cert_pem(test_pki.ca.anchor),
+    )
+    settings.admission.managed = WEBHOOK_CONFIG
+    # `kopf run` makes a given registry the process's default one: put the real one back.
+    default_registry = kopf.get_default_registry()
+    runner = KopfRunner(
+        ["run", "-A", "--standalone"], registry=registry, settings=settings, timeout=30
+    )
+    runner.__enter__()
+    try:
+        yield await _registered(api, WEBHOOK_CONFIG)
+    finally:
+        # Join the operator thread off this loop: it still calls the emulator (TESTING.md §1).
+        await asyncio.to_thread(runner.__exit__, None, None, None)
+        kopf.set_default_registry(default_registry)
 
 
 async def test_managed_configuration_is_what_the_chart_promises(webhook: Webhook, api: Any) -> None:
@@ -260,3 +320,29 @@ def test_envelope_check_accepts_a_real_review() -> None:
     assert admissionserver.envelope_problem(review(load("job"))) is None
     v1beta1 = {**review(load("job")), "apiVersion": "admission.k8s.io/v1beta1"}
     assert admissionserver.envelope_problem(v1beta1) is None
+
+
+async def test_the_whole_operator_injects_pods_created_through_the_api(
+    start_operator: Any, api: Any
+) -> None:
+    """The operator process as shipped (handlers package, lifecycle, its serving cert)."""
+    await start_operator(webhook_managed="true", webhook_config="kubemtls-injector-full")
+    await _registered(api, "kubemtls-injector-full")
+    created = await api.post("/api/v1/namespaces/reports/pods", load("job"))
+    assert created["spec"]["initContainers"][0]["name"] == "kubemtls-sidecar"
+    signer = {e["name"]: e.get("value") for e in created["spec"]["initContainers"][0]["env"]}
+    assert signer["KUBEMTLS_SIGNER"].startswith("https://127.0.0.1:")
+    pod = load("job")
+    pod["metadata"]["annotations"]["kubemtls.io/mode"] = "sidecar"
+    async with api.session.post(f"{api.url}/api/v1/namespaces/reports/pods", json=pod) as r:
+        assert r.status == 422
+        assert 'kubemtls.io/mode: "sidecar" — unknown value' in (await r.json())["message"]
+
+
+async def test_the_namespace_comes_from_the_request_path(webhook: Webhook, api: Any) -> None:
+    """kube-apiserver sets metadata.namespace from the URL before admission."""
+    pod = load("existing-init-volumes")
+    del pod["metadata"]["namespace"]
+    created = await api.post("/api/v1/namespaces/claims/pods", pod)
+    assert created["metadata"]["namespace"] == "claims"
+    assert created["spec"]["initContainers"][0]["name"] == "kubemtls-sidecar"

@@ -1,7 +1,5 @@
 """kubemtls.io/* pod annotations: what parses, and what a user reads when it does not."""
 
-from __future__ import annotations
-
 import datetime
 
 import pytest

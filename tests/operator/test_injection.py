@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -77,13 +78,11 @@ def test_patch_matches_golden_file(case: str) -> None:
 def test_kopf_patch_fns_give_the_same_patch(case: str) -> None:
     """The handler's path: kopf runs the function on a copy and diffs it."""
     pod = load(case)
-    decision = injection.decide(pod, CASES[case])
-    assert decision.spec is not None
+    spec = injection.decide(pod, CASES[case]).spec
+    assert spec is not None
     patch = kopf.Patch()
-    patch.fns.append(
-        lambda body: injection.inject_sidecar(body, spec=decision.spec, settings=CASES[case])
-    )
-    ops = patch.as_json_patch(pod)
+    patch.fns.append(functools.partial(injection.inject_sidecar, spec=spec, settings=CASES[case]))
+    ops = patch.as_json_patch(kopf.Body(pod))  # type: ignore[arg-type]
     assert jsonpatch.apply_patch(pod, ops) == injected(pod, CASES[case])
 
 
@@ -480,3 +479,66 @@ def test_settings_from_a_config_without_a_minimum() -> None:
     assert settings.limits.trust_domain == "td.example"
     after = injected(load("job"), settings)
     assert "resources" not in after["spec"]["initContainers"][0]
+
+
+def test_legacy_transparent_layout_keeps_init_then_app_order() -> None:
+    pod = load("transparent-probes")
+    after = injected(pod, LEGACY)
+    assert [c["name"] for c in after["spec"]["initContainers"]] == ["kubemtls-init"]
+    assert [c["name"] for c in after["spec"]["containers"]] == [
+        "kubemtls-sidecar",
+        "web",
+        "log-shipper",
+    ]
+    after["metadata"]["name"] = "portal-x1y2z"
+    kubernetes_validate.validate(after, VERSIONS[0], strict=True)
+
+
+def test_docs_show_the_message_the_webhook_gives() -> None:
+    import testkit
+
+    pod = load("deployment-explicit")
+    pod["metadata"]["annotations"].update(
+        {"kubemtls.io/inbound": "8443:80800", "kubemtls.io/inbund": "8443:8080"}
+    )
+    message = injection.decide(pod, SETTINGS).message
+    docs = (testkit.REPO / "docs" / "annotations.md").read_text()
+    assert "denied the request: " + message in docs
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_sidecar_accepts_the_configuration_the_webhook_writes(
+    case: str, tmp_path: pathlib.Path
+) -> None:
+    """The contract across packages: the sidecar's own parser reads our env as we mean it."""
+    from kubemtls_sidecar import appprobes
+    from kubemtls_sidecar import config as sidecar_config
+
+    after = injected(load(case), CASES[case])
+    ours = [c for k in ("initContainers", "containers") for c in after["spec"].get(k, [])]
+    sidecar = next(c for c in ours if c["name"] == "kubemtls-sidecar")
+    env = {e["name"]: e.get("value", "pod-or-namespace") for e in sidecar["env"]}
+    # Only the mounted paths move to this test's directory; every other value is ours.
+    (tmp_path / "token").write_text("token")
+    (tmp_path / "ca.crt").write_text("ca")
+    env.update(KUBEMTLS_TOKEN_FILE=str(tmp_path / "token"), KUBEMTLS_TRUST_DIR=str(tmp_path))
+    if "KUBEMTLS_UPSTREAM_CA" in env:
+        env["KUBEMTLS_UPSTREAM_CA"] = str(tmp_path / "ca.crt")
+    cfg = sidecar_config.parse([], env)
+    spec = injection.decide(load(case), CASES[case]).spec
+    assert spec is not None
+    assert cfg.mode == spec.mode
+    assert [(i.listen_port, i.app_host, i.app_port) for i in cfg.inbound] == [
+        (e.listen, "127.0.0.1", e.app) for e in spec.inbound
+    ]
+    assert [(o.local_port, o.upstream_host, o.upstream_port) for o in cfg.outbound] == [
+        (r.local_port, r.host, r.port) for r in spec.outbound
+    ]
+    assert cfg.allowed_peers == spec.allowed_peers
+    assert cfg.signer == SETTINGS.signer_url
+    assert cfg.admin_port == 15020
+    assert len(appprobes.parse(cfg.app_probes)) == (2 if case == "transparent-probes" else 0)
+    init = next((c for c in ours if c["name"] == "kubemtls-init"), None)
+    if init is not None:
+        init_env = {e["name"]: e.get("value", "x") for e in init["env"]}
+        assert sidecar_config.parse(init["args"], init_env).install_redirects is True

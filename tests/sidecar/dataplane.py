@@ -1,5 +1,6 @@
 """Helpers for the sidecar data-plane tests (imported as ``dataplane``; conftest puts
 this directory on sys.path)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -61,7 +62,9 @@ def raw_leaf(
             critical=False,
         )
         .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]),
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
+            ),
             critical=False,
         )
     )

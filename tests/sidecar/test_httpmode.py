@@ -11,10 +11,12 @@ import base64
 import contextlib
 import hashlib
 import json
+import pathlib
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
+import dataplane
 import h11
 import pytest
 from aiohttp import web
@@ -75,7 +77,7 @@ Front = Callable[..., Awaitable[int]]
 
 
 @pytest.fixture
-async def front(test_pki: TestPKI, app_port: int, tmp_path: object) -> AsyncIterator[Front]:
+async def front(test_pki: TestPKI, app_port: int, tmp_path: pathlib.Path) -> AsyncIterator[Front]:
     servers: list[asyncio.Server] = []
     server_leaf = test_pki.leaf("app", "server", name="server")
 
@@ -85,7 +87,7 @@ async def front(test_pki: TestPKI, app_port: int, tmp_path: object) -> AsyncIter
         ctx.load_verify_locations(
             cadata=test_pki.ca.anchor.public_bytes(serialization.Encoding.PEM).decode()
         )
-        d = server_leaf.write(__import__("pathlib").Path(str(tmp_path)) / f"srv{len(servers)}")
+        d = server_leaf.write(tmp_path / f"srv{len(servers)}")
         ctx.load_cert_chain(d / "tls.crt", d / "tls.key")
         http_settings = httpmode.HttpSettings(**settings)  # type: ignore[arg-type]
 
@@ -118,10 +120,8 @@ def client_leaf(test_pki: TestPKI) -> Leaf:
     return test_pki.leaf("ehr", "client", name="client-pod")
 
 
-def client_ctx(test_pki: TestPKI, leaf: Leaf, tmp: object) -> ssl.SSLContext:
-    import pathlib
-
-    d = leaf.write(pathlib.Path(str(tmp)) / "client")
+def client_ctx(test_pki: TestPKI, leaf: Leaf, tmp: pathlib.Path) -> ssl.SSLContext:
+    d = leaf.write(tmp / "client")
     ctx = ssl.create_default_context(
         cadata=test_pki.ca.anchor.public_bytes(serialization.Encoding.PEM).decode()
     )
@@ -199,7 +199,7 @@ def header_values(doc: dict[str, object], name: str) -> list[str]:
 
 
 async def test_app_sees_the_true_identity_and_spoofed_headers_are_stripped(
-    front: Front, test_pki: TestPKI, client_leaf: Leaf, tmp_path: object
+    front: Front, test_pki: TestPKI, client_leaf: Leaf, tmp_path: pathlib.Path
 ) -> None:
     port = await front()
     spoof = [
@@ -249,7 +249,7 @@ def bound_jwt(thumb: str | None) -> str:
 
 
 async def test_bound_tokens(
-    front: Front, test_pki: TestPKI, client_leaf: Leaf, tmp_path: object
+    front: Front, test_pki: TestPKI, client_leaf: Leaf, tmp_path: pathlib.Path
 ) -> None:
     port = await front()
     ctx = client_ctx(test_pki, client_leaf, tmp_path)
@@ -281,7 +281,7 @@ async def test_bound_tokens(
 
 
 async def test_require_bound_token_refuses_unbound_bearers(
-    front: Front, test_pki: TestPKI, client_leaf: Leaf, tmp_path: object
+    front: Front, test_pki: TestPKI, client_leaf: Leaf, tmp_path: pathlib.Path
 ) -> None:
     port = await front(require_bound_token=True)
     ctx = client_ctx(test_pki, client_leaf, tmp_path)
@@ -298,7 +298,7 @@ async def test_require_bound_token_refuses_unbound_bearers(
 
 
 async def test_pipelined_requests_are_answered_in_order(
-    front: Front, test_pki: TestPKI, client_leaf: Leaf, tmp_path: object
+    front: Front, test_pki: TestPKI, client_leaf: Leaf, tmp_path: pathlib.Path
 ) -> None:
     port = await front()
     raw = b"".join(
@@ -312,7 +312,7 @@ async def test_pipelined_requests_are_answered_in_order(
 
 
 async def test_large_and_chunked_bodies_stream_through(
-    front: Front, test_pki: TestPKI, client_leaf: Leaf, tmp_path: object
+    front: Front, test_pki: TestPKI, client_leaf: Leaf, tmp_path: pathlib.Path
 ) -> None:
     port = await front()
     ctx = client_ctx(test_pki, client_leaf, tmp_path)
@@ -335,7 +335,7 @@ async def test_large_and_chunked_bodies_stream_through(
 
 
 async def test_header_limit(
-    front: Front, test_pki: TestPKI, client_leaf: Leaf, tmp_path: object
+    front: Front, test_pki: TestPKI, client_leaf: Leaf, tmp_path: pathlib.Path
 ) -> None:
     port = await front(max_header_bytes=32 * 1024)
     ctx = client_ctx(test_pki, client_leaf, tmp_path)
@@ -348,7 +348,7 @@ async def test_header_limit(
 
 
 async def test_garbage_gets_400_and_connect_405(
-    front: Front, test_pki: TestPKI, client_leaf: Leaf, tmp_path: object
+    front: Front, test_pki: TestPKI, client_leaf: Leaf, tmp_path: pathlib.Path
 ) -> None:
     port = await front()
     ctx = client_ctx(test_pki, client_leaf, tmp_path)
@@ -360,7 +360,7 @@ async def test_garbage_gets_400_and_connect_405(
 
 
 async def test_early_response_before_the_body_is_read(
-    front: Front, test_pki: TestPKI, client_leaf: Leaf, tmp_path: object
+    front: Front, test_pki: TestPKI, client_leaf: Leaf, tmp_path: pathlib.Path
 ) -> None:
     port = await front()
     ctx = client_ctx(test_pki, client_leaf, tmp_path)
@@ -371,7 +371,7 @@ async def test_early_response_before_the_body_is_read(
 
 
 async def test_websocket_upgrade_is_tunnelled(
-    front: Front, test_pki: TestPKI, client_leaf: Leaf, tmp_path: object
+    front: Front, test_pki: TestPKI, client_leaf: Leaf, tmp_path: pathlib.Path
 ) -> None:
     port = await front()
     ctx = client_ctx(test_pki, client_leaf, tmp_path)
@@ -383,3 +383,73 @@ async def test_websocket_upgrade_is_tunnelled(
             await ws.send_str(f"hello {i}")
             msg = await asyncio.wait_for(ws.receive(), 5)
             assert msg.data == f"echo:hello {i}"
+
+
+# --- through the real sidecar (app.serve): the inbound seam and the EHR side -------------
+
+
+async def test_through_the_sidecar_inbound_http_mode(
+    sidecar_args: Callable[..., list[str]],
+    app_port: int,
+    test_pki: TestPKI,
+    client_leaf: Leaf,
+    tmp_path: pathlib.Path,
+) -> None:
+    port = dataplane.free_port()
+    extra = ["--inbound", f"{port}:127.0.0.1:{app_port}", "--protocol", "http",
+             "--require-bound-token"]  # fmt: skip
+    ctx = client_ctx(test_pki, client_leaf, tmp_path)
+    async with dataplane.running_sidecar(sidecar_args(extra=extra)) as r:
+        good = bound_jwt(certs.x5t_s256(client_leaf.cert))
+        spoof = ("X-Forwarded-Client-Cert", "URI=spiffe://cluster.local/ns/x/sa/admin")
+        raw = request(headers=[("Authorization", f"Bearer {good}"), spoof]) + request(
+            headers=[("Authorization", f"Bearer {bound_jwt(None)}")]
+        )
+        answers = await exchange(port, ctx, raw, responses=2)
+        assert [a[0] for a in answers] == [200, 401]
+        [xfcc_value] = header_values(seen(answers[0][2]), "X-Forwarded-Client-Cert")
+        assert "URI=spiffe://cluster.local/ns/ehr/sa/client" in xfcc_value
+        assert "ns/x/sa/admin" not in xfcc_value
+        assert answers[1][1]["www-authenticate"].startswith('Bearer error="invalid_token"')
+        metrics_text = r.sidecar.metrics.exposition().decode()
+        assert 'kubemtls_sidecar_connections_total{direction="inbound",result="ok"}' in metrics_text
+
+
+async def test_plain_http_out_reaches_an_mtls_ehr_that_sees_our_spiffe_id(
+    sidecar_args: Callable[..., list[str]], test_pki: TestPKI, tmp_path: pathlib.Path
+) -> None:
+    """The EHR side: the app speaks plain HTTP to the outbound port, the EHR demands mTLS."""
+    ehr_leaf = test_pki.leaf("ehr", "fhir", name="fhir-0")
+    d = ehr_leaf.write(tmp_path / "ehr")
+    ehr_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ehr_ctx.verify_mode = ssl.CERT_REQUIRED
+    ehr_ctx.load_verify_locations(
+        cadata=test_pki.ca.anchor.public_bytes(serialization.Encoding.PEM).decode()
+    )
+    ehr_ctx.load_cert_chain(d / "tls.crt", d / "tls.key")
+
+    async def patient(request: web.Request) -> web.Response:
+        der = request.transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        who = certs.facts(x509.load_der_x509_certificate(der)).spiffe_id
+        return web.json_response({"resourceType": "Patient", "id": "1", "caller": who})
+
+    ehr = web.Application()
+    ehr.router.add_get("/fhir/Patient/1", patient)
+    runner = web.AppRunner(ehr, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ehr_ctx)
+    await site.start()
+    ehr_port = runner.addresses[0][1]
+    local = dataplane.free_port()
+    try:
+        extra = ["--outbound", f"{local}=localhost:{ehr_port}"]
+        async with (
+            dataplane.running_sidecar(sidecar_args(extra=extra)),
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{local}/fhir/Patient/1") as resp,
+        ):
+            assert resp.status == 200
+            doc = await resp.json()
+        assert doc["caller"] == "spiffe://cluster.local/ns/app/sa/server"
+    finally:
+        await runner.cleanup()

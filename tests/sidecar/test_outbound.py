@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from dataplane import Files, free_port, log_fields, raw_leaf, running_sidecar
-from testkit import Leaf, TestPKI
+from testkit import Leaf, TestPKI, eventually
 
 FAILED = "upstream TLS handshake failed; closing the app's connection"
 
@@ -77,14 +77,20 @@ async def test_upstream_sees_our_identity(sidecar_args, files: Files, tmp_path):
 
 def _expired(p: TestPKI) -> Leaf:
     now = datetime.datetime.now(datetime.UTC)
-    return raw_leaf(p.ca, not_before=now - datetime.timedelta(days=3),
-                    not_after=now - datetime.timedelta(days=1))
+    return raw_leaf(
+        p.ca,
+        not_before=now - datetime.timedelta(days=3),
+        not_after=now - datetime.timedelta(days=1),
+    )
 
 
 @pytest.mark.parametrize(
     ("case", "alert"),
-    [("wrong-hostname", "bad_certificate"), ("unknown-ca", "unknown_ca"),
-     ("expired", "certificate_expired")],
+    [
+        ("wrong-hostname", "bad_certificate"),
+        ("unknown-ca", "unknown_ca"),
+        ("expired", "certificate_expired"),
+    ],
 )
 async def test_refused_upstream_closes_the_app_connection(
     sidecar_args, files: Files, other_pki: TestPKI, tmp_path, caplog, case, alert
@@ -111,15 +117,37 @@ async def test_refused_upstream_closes_the_app_connection(
 async def test_upstream_refusing_our_certificate_is_logged_with_its_alert(
     sidecar_args, files: Files, other_pki: TestPKI, tmp_path, caplog
 ):
-    up = files.pki.leaf("ehr", "fhir")
+    """openssl s_server (asyncio's own TLS server sends no alert: CPython issue 98078)."""
+    d = files.pki.leaf("ehr", "fhir").write(tmp_path / "s_server")
     other_trust = other_pki.trust_dir(tmp_path / "other-trust")
-    async with upstream_server(up, other_trust / "ca.crt", tmp_path) as (up_port, _):
+    up_port = free_port()
+    server = await asyncio.create_subprocess_exec(
+        "openssl", "s_server", "-accept", f"127.0.0.1:{up_port}", "-cert", str(d / "tls.crt"),
+        "-key", str(d / "tls.key"), "-CAfile", str(other_trust / "ca.crt"), "-Verify", "1",
+        "-verify_return_error", "-quiet",
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        await eventually(lambda: _listening(up_port))
         local = free_port()
-        async with running_sidecar(sidecar_args(extra=["--outbound", f"{local}=localhost:{up_port}"])):
+        async with running_sidecar(
+            sidecar_args(extra=["--outbound", f"{local}=localhost:{up_port}"])
+        ):
             assert await roundtrip(local) == b""
+    finally:
+        server.kill()
+        await server.wait()
     line = log_fields(caplog, FAILED)[0]
     assert line["alert"] == "unknown_ca"
     assert line["alert_sent_by"] == "peer"
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 async def test_upstream_ca_replaces_mesh_trust_for_outbound(
@@ -130,8 +158,12 @@ async def test_upstream_ca_replaces_mesh_trust_for_outbound(
     other_trust = other_pki.trust_dir(tmp_path / "ehr-trust")
     async with upstream_server(up, files.trust_dir / "ca.crt", tmp_path) as (up_port, peers):
         local = free_port()
-        extra = ["--outbound", f"{local}=localhost:{up_port}",
-                 "--upstream-ca", str(other_trust / "ca.crt")]
+        extra = [
+            "--outbound",
+            f"{local}=localhost:{up_port}",
+            "--upstream-ca",
+            str(other_trust / "ca.crt"),
+        ]
         async with running_sidecar(sidecar_args(extra=extra)):
             assert await roundtrip(local) == b"hello upstream\n"
     assert len(peers) == 1

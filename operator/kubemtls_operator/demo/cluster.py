@@ -47,7 +47,9 @@ class OperatorSettings:
 
     def env(self, ports: dict[str, int]) -> dict[str, str]:
         p = contract.OPERATOR_ENV_PREFIX
-        sans = ",".join(dict.fromkeys([self.host_ip, "127.0.0.1"]))
+        # 127.0.0.1 first: the operator puts the first extra IP in its managed webhook's URL,
+        # and the API server calls webhooks on loopback; pods reach the signer on host_ip.
+        sans = ",".join(dict.fromkeys(["127.0.0.1", self.host_ip]))
         values = {
             "NAMESPACE": OPERATOR_NAMESPACE,
             "SERVICE": "kubemtls",

@@ -158,6 +158,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         logger.debug("%s " + format, self.client_address[0], *args)
 
 
+def _linger(tls: ssl.SSLSocket, seconds: float = 2.0) -> None:
+    """Close after a refusal without losing the alert we just sent.
+
+    A TLS 1.3 client sends its request right after its Finished; closing a socket with that
+    request unread makes the kernel send RST, and an RST can discard the alert before the
+    client reads it ("EOF occurred in violation of protocol" instead of the alert). So: FIN
+    after the alert, read and drop what the client still sends, then close (a lingering
+    close, as HTTP servers do).
+    """
+    raw = socket.socket(fileno=tls.detach())
+    try:
+        raw.shutdown(socket.SHUT_WR)
+        raw.settimeout(seconds)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and raw.recv(4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        raw.close()
+
+
 def _outcome(text: str) -> dict[str, Any]:
     return {
         "resourceType": "OperationOutcome",
@@ -247,6 +269,16 @@ class MockEHR:
             return False
         if pem is None or pem == self._trust_pem:
             return False
+        try:
+            ctx = self._context(pem)
+        except (ssl.SSLError, OSError, ValueError) as e:
+            logger.warning("EHR: refused the new trust bundle or CRL, keeping the old: %s", e)
+            return False
+        self._ctx, self._trust_pem = ctx, pem
+        logger.info("EHR: trust bundle and CRL loaded")
+        return True
+
+    def _context(self, pem: tuple[bytes, bytes]) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(self.cert_file, self.key_file)
@@ -258,9 +290,7 @@ class MockEHR:
             ctx.load_verify_locations(cafile=f.name)
         if pem[1].strip():
             ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-        self._ctx, self._trust_pem = ctx, pem
-        logger.info("EHR: trust bundle and CRL loaded")
-        return True
+        return ctx
 
     def _poll_trust(self) -> None:
         while not self._stop.wait(self._refresh):
@@ -274,16 +304,20 @@ class MockEHR:
         ctx = self._ctx
         peer = str(client_address[0])
         if ctx is None:
+            self.record(Event(time.monotonic(), peer, False, detail="no trust bundle yet"))
             request.close()
             return
         request.settimeout(10.0)
+        tls = ctx.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
         try:
-            tls = ctx.wrap_socket(request, server_side=True)
+            tls.do_handshake()
         except ssl.SSLError as e:
             self.record(Event(time.monotonic(), peer, False, alert=alert_for(e), detail=str(e)))
+            _linger(tls)
             return
         except OSError as e:
             self.record(Event(time.monotonic(), peer, False, alert="", detail=str(e)))
+            tls.close()
             return
         try:
             self._server.RequestHandlerClass(tls, client_address, self._server)

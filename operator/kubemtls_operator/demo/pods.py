@@ -21,6 +21,7 @@ import os
 import pathlib
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -72,9 +73,13 @@ class Remap:
     def apply(self, text: str) -> str:
         for upstream, local in self.upstreams.items():
             text = text.replace(upstream, local)
-        for mount, host in sorted(self.paths.items(), key=lambda kv: -len(kv[0])):
-            text = text.replace(mount, host)
-        return _PORT.sub(lambda m: str(self.ports.get(int(m.group(1)), m.group(1))), text)
+        text = _PORT.sub(lambda m: str(self.ports.get(int(m.group(1)), m.group(1))), text)
+        if not self.paths:
+            return text
+        # One pass, whole path components only: "/tmp" must not rewrite "/tmp/x" twice.
+        mounts = sorted(self.paths, key=len, reverse=True)
+        pattern = r"(?<![\w./-])(" + "|".join(map(re.escape, mounts)) + r")(?=/|$|[,:=\s])"
+        return re.sub(pattern, lambda m: self.paths[m.group(1)], text)
 
 
 @dataclasses.dataclass
@@ -219,8 +224,20 @@ class PodRunner:
         script.append('exec "$@"')
         return [
             *self.net.exec_prefix(), "unshare", "--mount", "--propagation", "private",
-            "sh", "-ec", " && ".join(script), "sh", *argv,
+            "sh", "-ec", " && ".join(script), "sh", *self._as_user(c), *argv,
         ]  # fmt: skip
+
+    def _as_user(self, c: JSON) -> list[str]:
+        """``runAsUser``/``runAsGroup`` (container, else pod) via setpriv, as kubelet would."""
+        pod_ctx = self.pod["spec"].get("securityContext") or {}
+        ctx = {**pod_ctx, **(c.get("securityContext") or {})}
+        uid, gid = ctx.get("runAsUser"), ctx.get("runAsGroup", ctx.get("runAsUser"))
+        if uid is None or shutil.which("setpriv") is None:
+            return []
+        argv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
+        if ctx.get("allowPrivilegeEscalation") is False:
+            argv.append("--no-new-privs")
+        return argv
 
     def _make_mount_point(self, target: pathlib.Path) -> None:
         missing = []

@@ -129,12 +129,20 @@ def scene_request(n: report.Narrator, st: stage.Stage, app: AppLog) -> report.Sc
     line = app.wait(lambda x: bool(x.get("ok")), 20)
     if line is None:
         err = next((x.get("error") for x in reversed(app.poll())), "no output")
-        return report.Scene("request", "fail", f"the app got no answer from the EHR: {err}")
+        refused = [e for e in st.ehr.events if not e.ok][-1:] if st.ehr else []
+        seen = (
+            f"; the EHR's last refusal: {refused[0].alert or refused[0].detail}" if refused else ""
+        )
+        return report.Scene("request", "fail", f"the app got no answer from the EHR: {err}{seen}")
     want = spiffe("ehr-client")
+    runner = st.pods["ehr-client"]
+    port = runner.remap.ports.get(contract.OUTBOUND_CAPTURE_PORT)
+    remapped = f" (remapped to :{port})" if port else ""
     status = "pass" if line.get("identity") == want else "fail"
     return report.Scene(
         "request", status,
-        f"fhirclient read Patient/123 from http://127.0.0.1:15001/fhir → \"{line['patient']}\";"
+        f"fhirclient read Patient/123 from http://127.0.0.1:15001/fhir{remapped} → "
+        f"\"{line['patient']}\";"
         f" the EHR saw {line.get('identity')} (serial {_short(str(line.get('serial')))})",
         {"identity": line.get("identity"), "serial": line.get("serial")},
     )  # fmt: skip
@@ -195,6 +203,7 @@ def scene_revocation(n: report.Narrator, st: stage.Stage, app: AppLog) -> report
     revoked = str(first["serial"])
     n.say("revoke", f"$ kubectl annotate mtlscert ehr-client {contract.ANN_REVOKE}="
           f"{REVOKE_REASON}   (serial {_short(revoked)})")  # fmt: skip
+    mark, mark_wall = time.monotonic(), time.time()
     _revoke(st, "ehr-client")
     changed = app.wait(lambda x: bool(x.get("ok")) and x.get("serial") != revoked, 60, start)
     recorded = _until(lambda: revoked in _revoked_serials(st, "ehr-client"), 10)
@@ -210,14 +219,22 @@ def scene_revocation(n: report.Narrator, st: stage.Stage, app: AppLog) -> report
     time.sleep(1.0)
     window = app.poll()[start:]
     failed = [x for x in window if not x.get("ok")]
+    rekeyed = float(changed["t"]) - mark_wall
+    assert st.ehr is not None
+    refusals = [e.at - mark for e in st.ehr.events if e.at >= mark and not e.ok]
+    timing = f"re-keyed after {rekeyed:.1f}s"
+    if refusals:
+        timing += f"; the EHR enforced the new CRL after {refusals[0]:.1f}s"
     ok = not failed and bool(recorded) and listed
     return report.Scene(
         "revocation", "pass" if ok else "fail",
         f"{_short(revoked)} revoked ({REVOKE_REASON}, in the CRL: {listed}) → the sidecar "
-        f"re-keyed to {_short(str(changed['serial']))}: {len(window)} requests, "
+        f"re-keyed to {_short(str(changed['serial']))} ({timing}): {len(window)} requests, "
         f"{len(failed)} failed",
         {"revoked": revoked, "after": changed["serial"], "in_crl": listed,
          "recorded": bool(recorded), "requests": len(window), "failed": len(failed),
+         "rekey_seconds": round(rekeyed, 2),
+         "ehr_enforced_seconds": round(refusals[0], 2) if refusals else None,
          "errors": [x.get("error") for x in failed[:3]]},
     )  # fmt: skip
 

@@ -95,9 +95,14 @@ def _bring_up(n: report.Narrator, st: stage.Stage) -> bool:
     def ehr() -> str:
         st.up_ehr()
         assert st.ehr is not None
+        where = (
+            f"https://{stage.EHR_HOST} ({st.host_ip}:{st.ehr.port})"
+            if st.net
+            else f"https://127.0.0.1:{st.ehr.port} (standing in for {stage.EHR_HOST})"
+        )
         return (
-            f"mock EHR (FHIR R4) https://{stage.EHR_HOST}:{st.ehr.port} on {st.host_ip}: "
-            "client certificate from the cluster CA required, CRL enforced"
+            f"mock EHR, FHIR R4, at {where}: serving cert from its own partner CA; "
+            "client certificates from the cluster CA required, CRL enforced"
         )
 
     def apply() -> str:

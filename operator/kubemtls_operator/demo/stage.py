@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import pathlib
 import secrets
@@ -78,6 +79,7 @@ class Stage:
         self.pods: dict[str, pods.PodRunner] = {}
         self.applied: dict[str, JSON] = {}  # pod name -> the pod as the API stored it
         self.extra: dict[str, subprocess.Popen[bytes]] = {}
+        self._log_handler: logging.Handler | None = None
 
     @property
     def api(self) -> kubeapi.KubeAPI:
@@ -114,6 +116,11 @@ class Stage:
         (d / "tls.key").touch(0o600)
         (d / "tls.key").write_bytes(pki.key_pem(key))
         (d / "partner-ca.crt").write_bytes(pki.cert_pem(self.partner_ca.cert))
+        handler = logging.FileHandler(self.workdir / "logs" / "ehr.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        ehr.logger.addHandler(handler)
+        ehr.logger.setLevel(logging.INFO)
+        self._log_handler = handler
         port = 443 if self.net else pods.free_port()
         self.ehr = ehr.MockEHR(
             host=self.host_ip, port=port, cert_file=d / "tls.crt", key_file=d / "tls.key",
@@ -228,6 +235,9 @@ class Stage:
                 problems.append(f"pod {runner.name}: {e}")
         if self.ehr is not None:
             self.ehr.stop()
+        if self._log_handler is not None:
+            ehr.logger.removeHandler(self._log_handler)
+            self._log_handler.close()
         self.cluster.stop()
         if self.net is not None:
             problems += self.net.destroy()

@@ -22,7 +22,7 @@ from typing import Any
 
 from kubemtls_operator.demo import kubeapi
 
-__all__ = ["Volume", "atomic_write", "render"]
+__all__ = ["Volume", "atomic_write", "field_ref", "render"]
 
 JSON = dict[str, Any]
 
@@ -71,6 +71,7 @@ class Volume:
         """Re-render the volume; write it if it changed. Returns whether it changed."""
         if "emptyDir" in self.spec:
             self.host_dir.mkdir(parents=True, exist_ok=True)
+            self.host_dir.chmod(0o1777)  # writable whatever runAsUser the container has
             return False
         files, renew_at = render(api, pod, self.spec, token_due=self._token_due())
         if files is None:

@@ -22,8 +22,8 @@ R = naming.Reason
 
 
 @kopf.index(naming.CRD_API_VERSION.split("/")[0], contract.CRD_VERSION, contract.CRD_PLURAL)
-def mtlscert_index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[Any, Any]:
-    return {(namespace, name): sweeper.CertRecord.from_body(body)}
+def mtlscert_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
+    return {(namespace or "", name): sweeper.CertRecord.from_body(body)}
 
 
 @kopf.on.event(
@@ -44,14 +44,13 @@ async def mtlscert_revoke(
     serial = st.get("serial", "")
     if reason not in pki.REVOCATION_REASONS:
         kopf.warn(
-            dict(body),
+            body,
             reason=R.REVOCATION_INVALID,
-            message=f"{reason!r} is not a revocation reason; use one of {', '.join(pki.REVOCATION_REASONS)}",
+            message=f"{reason!r} is not a revocation reason; use one of "
+            + ", ".join(pki.REVOCATION_REASONS),
         )
     elif not serial:
-        kopf.warn(
-            dict(body), reason=R.NOTHING_TO_REVOKE, message="no certificate has been issued yet"
-        )
+        kopf.warn(body, reason=R.NOTHING_TO_REVOKE, message="no certificate has been issued yet")
     else:
         auth = rt.cas.authority
         if auth is None:
@@ -72,7 +71,7 @@ async def mtlscert_revoke(
         )
         metrics.REVOKED.labels(reason).inc()
         kopf.info(
-            dict(body),
+            body,
             reason=R.REVOKED,
             message=f"serial {serial} revoked ({reason}); the sidecar re-keys",
         )
@@ -92,7 +91,7 @@ def _revoked_status(
     if not any(r.get("serial") == serial for r in revs):
         revs.append({"serial": serial, "reason": reason, "time": revocation.format_time(now)})
     view = status.CertView.from_status(old)
-    ctx = rt.sweeper.context(view)
+    ctx = rt.checker.context(view)
     ctx["revoked"] = ctx.get("revoked", False) or view.serial == serial
     ev = status.evaluate(
         view,

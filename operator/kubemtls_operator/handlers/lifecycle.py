@@ -16,7 +16,13 @@ import kopf
 
 from kubemtls_operator import admissionserver, config, kube, wiring
 
-__all__ = ["operator_cleanup", "operator_startup"]
+__all__ = ["operator_cleanup", "operator_login", "operator_startup"]
+
+
+@kopf.on.login()
+def operator_login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo | None:
+    """In-cluster, else KUBECONFIG (see ``kube.login``)."""
+    return kube.login(settings)
 
 
 @kopf.on.startup(backoff=2.0)
@@ -24,10 +30,9 @@ async def operator_startup(
     settings: kopf.OperatorSettings,
     memo: kopf.Memo,
     logger: kopf.Logger,
-    pod_index: kopf.Index[Any, Any],
-    mtlscert_index: kopf.Index[Any, Any],
-    **_: Any,
+    **kwargs: Any,
 ) -> None:
+    """Config → memo; the CA, servers and loops → memo.runtime; kopf's webhook server."""
     cfg = memo.get("config") or config.from_environ()  # __main__ passes flags in memo
     memo.config = cfg
     settings.peering.name = cfg.peering or settings.peering.name
@@ -35,8 +40,10 @@ async def operator_startup(
     settings.peering.priority = random.randint(1, 2**31)  # noqa: S311 - not a secret
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
-    client = kube.Client.from_login(settings, logger)
-    rt = await wiring.start(cfg, pods=pod_index, certs=mtlscert_index, client=client)
+    client = kube.Client.from_login(settings)
+    rt = await wiring.start(
+        cfg, pods=kwargs["pod_index"], certs=kwargs["mtlscert_index"], client=client
+    )
     memo.runtime = rt
     settings.admission.server = admissionserver.WebhookServer(
         addr=cfg.bind_address,

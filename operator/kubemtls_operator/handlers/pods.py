@@ -22,9 +22,9 @@ def _opted_in(annotations: kopf.Annotations, labels: kopf.Labels, **_: Any) -> b
 
 
 @kopf.index("v1", "pods", when=_opted_in)
-def pod_index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[Any, Any]:
+def pod_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
     """(namespace, name) → PodFacts: what the signing API checks a token's pod against."""
-    return {(namespace, name): workload.facts(body)}
+    return {(namespace or "", name): workload.facts(body)}
 
 
 def _injected_condition(pod: workload.PodFacts) -> status.Condition:
@@ -64,7 +64,7 @@ async def pod_event(
             pod.namespace, pod.name, lambda obj: _initial_status(obj, injected), known=cert
         )
         if not pod.injected:
-            kopf.warn(dict(body), reason=naming.Reason.NOT_INJECTED, message=injected.message)
+            kopf.warn(body, reason=naming.Reason.NOT_INJECTED, message=injected.message)
             logger.warning(f"opted in but not injected: {injected.message}")
     rt.seen.add(pod.uid)
 

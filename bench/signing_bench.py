@@ -1,0 +1,366 @@
+"""Signing API benchmark: throughput and latency, a 1,000-pod burst, RSS with many MTLSCerts.
+
+Three processes on this machine: the emulated API server, ``kubemtls-operator`` (as it
+runs in a cluster, talking HTTP to the emulator), and this client. The client plays the
+sidecars: bound tokens from TokenRequest, a CSR, ``POST /v1/certificates`` over HTTPS
+trusting the namespace's ``ca.crt``.
+
+1. throughput: ``--clients`` concurrent sidecars (keep-alive) for ``--seconds``;
+2. burst: ``--pods`` opted-in pods created at once, each "sidecar" asks as soon as its pod
+   exists; time until every MTLSCert is ``Issued``;
+3. RSS: ``--rss-certs`` opted-in pods → the operator creates their MTLSCerts; the
+   operator's VmRSS once all exist (each also has a status, as after issuance).
+
+    .venv/bin/python bench/signing_bench.py [--seconds 10] [--clients 64] [--pods 1000]
+        [--rss-certs 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import pathlib
+import random
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import aiohttp
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+PY = sys.executable
+NS = "bench"
+CERTS = "/apis/kubemtls.io/v1alpha1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def csr_pem() -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench")])
+    csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def rss_mib(pid: int) -> float:
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Cluster:
+    def __init__(self, tmp: pathlib.Path) -> None:
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.url = ""
+        self.signer = ""
+        self.health = ""
+        self.operator_pid = 0
+
+    def start(self) -> None:
+        ready, kc = self.tmp / "emu.url", self.tmp / "kubeconfig"
+        crd = REPO / "charts" / "kubemtls" / "crds" / "mtlscerts.yaml"
+        self.procs.append(
+            subprocess.Popen(
+                [
+                    PY,
+                    "-m",
+                    "kubemtls_operator.emu",
+                    "--port",
+                    "0",
+                    "--kubeconfig",
+                    str(kc),
+                    "--crd",
+                    str(crd),
+                    "--ready-file",
+                    str(ready),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=open(self.tmp / "emu.log", "wb"),  # noqa: SIM115
+            )
+        )
+        deadline = time.time() + 30
+        while not (ready.exists() and ready.read_text().strip()):
+            if time.time() > deadline:
+                raise SystemExit("the emulator did not start")
+            time.sleep(0.05)
+        self.url = ready.read_text().strip().splitlines()[0]
+        ports = {
+            n: free_port() for n in ("SIGNER_PORT", "WEBHOOK_PORT", "METRICS_PORT", "HEALTH_PORT")
+        }
+        env = dict(os.environ, KUBECONFIG=str(kc))
+        settings = {
+            "NAMESPACE": "kubemtls",
+            "BIND_ADDRESS": "127.0.0.1",
+            "CHECK_INTERVAL": "60s",
+            "SIGNER_URL": f"https://127.0.0.1:{ports['SIGNER_PORT']}",
+            **{k: str(v) for k, v in ports.items()},
+        }
+        env.update({f"KUBEMTLS_OPERATOR_{k}": v for k, v in settings.items()})
+        op = subprocess.Popen(
+            [PY, *(os.environ.get("BENCH_OPERATOR_CMD", "-m kubemtls_operator").split())],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.tmp / "operator.log", "wb"),  # noqa: SIM115
+        )
+        self.procs.append(op)
+        self.operator_pid = op.pid
+        self.signer = f"https://127.0.0.1:{ports['SIGNER_PORT']}"
+        self.health = f"http://127.0.0.1:{ports['HEALTH_PORT']}/healthz"
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+async def wait_healthy(s: aiohttp.ClientSession, url: str) -> None:
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            async with s.get(url) as r:
+                if (await r.json()).get("ca") == "ok":
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    raise SystemExit("the operator did not become healthy")
+
+
+async def api(s: aiohttp.ClientSession, base: str, method: str, path: str, body: Any = None) -> Any:
+    for attempt in range(20):
+        async with s.request(method, base + path, json=body) as r:
+            data = await r.json(content_type=None)
+            if r.status < 400:
+                return data
+            if r.status == 409 or attempt == 19:
+                raise RuntimeError(f"{method} {path}: {r.status} {data}")
+        await asyncio.sleep(0.05 * (attempt + 1))
+    return None
+
+
+def pod_body(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "annotations": {"kubemtls.io/inject": "true"}},
+        "spec": {
+            "serviceAccountName": "app",
+            "containers": [
+                {"name": "app", "image": "app:1"},
+                {"name": "kubemtls-sidecar", "image": "k:0"},
+            ],
+        },
+    }
+
+
+async def create_pod_and_token(s: aiohttp.ClientSession, base: str, name: str) -> str:
+    await api(s, base, "POST", f"/api/v1/namespaces/{NS}/pods", pod_body(name))
+    tr = {
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "TokenRequest",
+        "spec": {
+            "audiences": ["kubemtls"],
+            "expirationSeconds": 3600,
+            "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": name},
+        },
+    }
+    data = await api(s, base, "POST", f"/api/v1/namespaces/{NS}/serviceaccounts/app/token", tr)
+    return str(data["status"]["token"])
+
+
+async def trust_ctx(s: aiohttp.ClientSession, base: str) -> ssl.SSLContext:
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        async with s.get(f"{base}/api/v1/namespaces/{NS}/configmaps/kubemtls-trust") as r:
+            if r.status == 200:
+                return ssl.create_default_context(cadata=(await r.json())["data"]["ca.crt"])
+        await asyncio.sleep(0.1)
+    raise SystemExit("no trust ConfigMap")
+
+
+async def throughput(
+    cl: Cluster, s: aiohttp.ClientSession, clients: int, seconds: float
+) -> dict[str, Any]:
+    tokens = await asyncio.gather(
+        *(create_pod_and_token(s, cl.url, f"tp-{i}") for i in range(clients))
+    )
+    ctx = await trust_ctx(s, cl.url)
+    csrs = [json.dumps({"csr": csr_pem()}).encode() for _ in range(clients)]
+    lat: list[float] = []
+    errors: dict[int, int] = {}
+
+    async def client(i: int, stop_at: float) -> None:
+        conn = aiohttp.TCPConnector(ssl=ctx, limit=1)
+        async with aiohttp.ClientSession(connector=conn) as cs:
+            headers = {"Authorization": f"Bearer {tokens[i]}", "Content-Type": "application/json"}
+            while time.perf_counter() < stop_at:
+                t = time.perf_counter()
+                async with cs.post(
+                    cl.signer + "/v1/certificates", data=csrs[i], headers=headers
+                ) as r:
+                    await r.read()
+                    if r.status == 200:
+                        lat.append(time.perf_counter() - t)
+                    else:
+                        errors[r.status] = errors.get(r.status, 0) + 1
+
+    # warm up (TLS handshakes, token reviews), then measure
+    await asyncio.gather(*(client(i, time.perf_counter() + 1.0) for i in range(clients)))
+    lat.clear()
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(i, t0 + seconds) for i in range(clients)))
+    elapsed = time.perf_counter() - t0
+    q = statistics.quantiles(lat, n=100) if len(lat) > 100 else [float("nan")] * 99
+    return {
+        "clients": clients,
+        "seconds": round(elapsed, 2),
+        "issued": len(lat),
+        "certs_per_s": round(len(lat) / elapsed, 1),
+        "p50_ms": round(q[49] * 1000, 2),
+        "p99_ms": round(q[98] * 1000, 2),
+        "errors": errors,
+    }
+
+
+async def burst(cl: Cluster, s: aiohttp.ClientSession, pods: int) -> dict[str, Any]:
+    ctx = await trust_ctx(s, cl.url)
+    csr = json.dumps({"csr": csr_pem()}).encode()
+    sem = asyncio.Semaphore(128)
+    conn = aiohttp.TCPConnector(ssl=ctx, limit=128)
+    refused: dict[str, int] = {}
+    async with aiohttp.ClientSession(connector=conn) as signer:
+
+        async def sidecar(i: int) -> None:
+            async with sem:
+                token = await create_pod_and_token(s, cl.url, f"burst-{i}")
+            for _ in range(50):
+                async with (
+                    sem,
+                    signer.post(
+                        cl.signer + "/v1/certificates",
+                        data=csr,
+                        headers={
+                            "Authorization": f"Bearer {token}",
+                            "Content-Type": "application/json",
+                        },
+                    ) as r,
+                ):
+                    body = await r.json(content_type=None)
+                    if r.status == 200:
+                        return
+                    refused[body.get("reason", str(r.status))] = (
+                        refused.get(body.get("reason", ""), 0) + 1
+                    )
+                await asyncio.sleep(0.2 + random.random() * 0.2)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(sidecar(i) for i in range(pods)))
+        t_signed = time.perf_counter() - t0
+        while True:
+            items = (await api(s, cl.url, "GET", f"{CERTS}/namespaces/{NS}/mtlscerts"))["items"]
+            issued = sum(
+                1
+                for i in items
+                if i["metadata"]["name"].startswith("burst-")
+                and (i.get("status") or {}).get("phase") == "Issued"
+            )
+            if issued >= pods or time.perf_counter() - t0 > 300:
+                break
+            await asyncio.sleep(0.2)
+    return {
+        "pods": pods,
+        "all_signed_s": round(t_signed, 2),
+        "all_issued_s": round(time.perf_counter() - t0, 2),
+        "issued": issued,
+        "refusals_retried": refused,
+    }
+
+
+async def rss(cl: Cluster, s: aiohttp.ClientSession, n: int) -> dict[str, Any]:
+    before = rss_mib(cl.operator_pid)
+    sem = asyncio.Semaphore(64)
+
+    async def one(i: int) -> None:
+        async with sem:
+            await api(s, cl.url, "POST", f"/api/v1/namespaces/{NS}/pods", pod_body(f"rss-{i}"))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    while True:
+        items = (await api(s, cl.url, "GET", f"{CERTS}/namespaces/{NS}/mtlscerts"))["items"]
+        count = sum(
+            1
+            for i in items
+            if i["metadata"]["name"].startswith("rss-") and (i.get("status") or {}).get("phase")
+        )
+        if count >= n or time.perf_counter() - t0 > 900:
+            break
+        await asyncio.sleep(1.0)
+    await asyncio.sleep(3)
+    return {
+        "mtlscerts": count + 0,
+        "total_mtlscerts": len(items),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "rss_before_mib": round(before, 1),
+        "rss_after_mib": round(rss_mib(cl.operator_pid), 1),
+    }
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        cl = Cluster(pathlib.Path(tmp))
+        cl.start()
+        try:
+            conn = aiohttp.TCPConnector(limit=128)
+            async with aiohttp.ClientSession(connector=conn) as s:
+                await wait_healthy(s, cl.health)
+                out: dict[str, Any] = {"rss_idle_mib": round(rss_mib(cl.operator_pid), 1)}
+                if args.seconds > 0:
+                    out["throughput"] = await throughput(cl, s, args.clients, args.seconds)
+                    print(json.dumps(out["throughput"]), flush=True)
+                if args.pods > 0:
+                    out["burst"] = await burst(cl, s, args.pods)
+                    print(json.dumps(out["burst"]), flush=True)
+                if args.rss_certs > 0:
+                    out["rss"] = await rss(cl, s, args.rss_certs)
+                    print(json.dumps(out["rss"]), flush=True)
+                return out
+        finally:
+            cl.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--pods", type=int, default=1000)
+    ap.add_argument("--rss-certs", type=int, default=10000)
+    args = ap.parse_args()
+    out = asyncio.run(main_async(args))
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
