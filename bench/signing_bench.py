@@ -57,6 +57,12 @@ def csr_pem() -> str:
     return csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (load-independent cost, unlike wall-clock rates)."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mib(pid: int) -> float:
     for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -227,9 +233,12 @@ async def throughput(
     # warm up (TLS handshakes, token reviews), then measure
     await asyncio.gather(*(client(i, time.perf_counter() + 1.0) for i in range(clients)))
     lat.clear()
+    cpu0 = cpu_seconds(cl.operator_pid)
     t0 = time.perf_counter()
     await asyncio.gather(*(client(i, t0 + seconds) for i in range(clients)))
     elapsed = time.perf_counter() - t0
+    await asyncio.sleep(1.0)  # let the status writes of the last ones land (counted too)
+    cpu = cpu_seconds(cl.operator_pid) - cpu0
     q = statistics.quantiles(lat, n=100) if len(lat) > 100 else [float("nan")] * 99
     return {
         "clients": clients,
@@ -238,6 +247,8 @@ async def throughput(
         "certs_per_s": round(len(lat) / elapsed, 1),
         "p50_ms": round(q[49] * 1000, 2),
         "p99_ms": round(q[98] * 1000, 2),
+        "operator_cpu_ms_per_cert": round(cpu / max(len(lat), 1) * 1000, 2),
+        "load_avg_1m": os.getloadavg()[0],
         "errors": errors,
     }
 

@@ -160,7 +160,13 @@ def parse(
             Problem(contract.ANN_REQUIRE_BOUND_TOKEN, bound, 'must be "true" or "false"', '"true"')
         )
     transparent = mode == "transparent"
-    inbound = portspecs.parse_inbound(problems, text(contract.ANN_INBOUND), transparent)
+    # With an unknown mode the shape of inbound ports is unknown too: no guessing errors.
+    mode_known = (text(contract.ANN_MODE) or "explicit").lower() in ("explicit", "transparent")
+    inbound = (
+        portspecs.parse_inbound(problems, text(contract.ANN_INBOUND), transparent)
+        if mode_known
+        else ()
+    )
     outbound = portspecs.parse_outbound(problems, text(contract.ANN_OUTBOUND), transparent)
     portspecs.check_port_conflicts(
         problems,
@@ -186,7 +192,7 @@ def parse(
     if (
         bound == "true"
         and protocol == "tcp"
-        and contract.ANN_PROTOCOL not in problem_keys(problems)
+        and contract.ANN_PROTOCOL not in _problem_keys(problems)
     ):
         problems.append(
             Problem(
@@ -225,7 +231,7 @@ def parse(
     )
 
 
-def problem_keys(problems: list[Problem]) -> set[str]:
+def _problem_keys(problems: list[Problem]) -> set[str]:
     return {p.key for p in problems}
 
 
@@ -242,16 +248,18 @@ def _unknown_key(key: str, raw: object) -> Problem:
 
 
 def _choice(problems: list[Problem], key: str, value: str, allowed: tuple[str, ...]) -> str:
+    """The value if allowed; a case slip is reported but read as meant (for later checks)."""
     if not value:
         return allowed[0]
     if value in allowed:
         return value
-    what = "unknown value" if value.lower() not in allowed else "values are lowercase"
-    example = value.lower() if value.lower() in allowed else allowed[0]
+    lower = value.lower()
+    what = "values are lowercase" if lower in allowed else "unknown value"
+    example = lower if lower in allowed else allowed[0]
     problems.append(
         Problem(key, value, f"{what}; use one of: {', '.join(allowed)}", f'"{example}"')
     )
-    return allowed[0]
+    return example
 
 
 def _items(value: str) -> list[str]:

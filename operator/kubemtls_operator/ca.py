@@ -59,6 +59,7 @@ class Manager:
     _lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     _published: tuple[bytes, bytes] = (b"", b"")
     _reported: str = ""
+    _alerted: set[str] = dataclasses.field(default_factory=set)
 
     # --- paths ------------------------------------------------------------------------------
     @property
@@ -184,7 +185,31 @@ class Manager:
             self.authority = auth
             metrics.observe_authority(auth)
         await self._publish(auth)
+        await self._alert_expiry(auth)
         return auth
+
+    async def _alert_expiry(self, auth: rollover.Authority) -> None:
+        """Warning events from ALERT_WINDOW before a trusted CA expires: at 30, 7 and 1 day."""
+        now = _now()
+        for ca in auth.cas:
+            left = ca.cert.not_valid_after_utc - now
+            if left > self.cfg.alert_window:
+                continue
+            step = next(
+                (d for d in (1, 7) if left <= datetime.timedelta(days=d)),
+                int(self.cfg.alert_window.total_seconds() // 86400),
+            )
+            key = f"{certs.fingerprint_sha256(ca.cert)}/{step}"
+            if key in self._alerted:
+                continue
+            self._alerted.add(key)
+            await self._event(
+                "Warning",
+                naming.Reason.CA_EXPIRING,
+                f"the CA {ca.cert.subject.rfc4514_string()} expires at "
+                f"{revocation.format_time(ca.cert.not_valid_after_utc)} (within {step} days); "
+                "put its successor into the CA Secret as next.crt/next.key",
+            )
 
     async def _reconcile_locked(self) -> rollover.Authority:
         for _ in range(MAX_CONFLICT_RETRIES):

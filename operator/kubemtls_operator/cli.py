@@ -28,7 +28,10 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"kubemtls demo needs the demo extra: pip install 'kubemtls[demo]' ({e})",
               file=sys.stderr)  # fmt: skip
         return 2
+    # Ctrl-C and SIGTERM both end in the demo's cleanup (also when started in the background,
+    # where the shell leaves SIGINT ignored).
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     options = script.Options(
         use_netns=not args.no_netns, keep_running=args.keep_running, workdir=args.workdir
     )

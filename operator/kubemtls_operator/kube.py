@@ -27,6 +27,7 @@ __all__ = ["Client", "configmap_path", "login", "secret_path"]
 logger = logging.getLogger(__name__)
 
 Obj = dict[str, Any]
+RECENT_WRITES = 1024
 
 
 def secret_path(namespace: str, name: str | None = None) -> str:
@@ -72,6 +73,9 @@ class Client:
     def __init__(self, info: kopf.ConnectionInfo) -> None:
         self._info = info
         self._base = info.server.rstrip("/")
+        #: The MTLSCerts this client wrote last (bounded): the next status write of a fresh
+        #: pod's MTLSCert starts from it instead of a GET.
+        self._recent: dict[tuple[str, str], Obj] = {}
         headers = {"Accept": "application/json"}
         if info.token:
             headers["Authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
@@ -228,9 +232,11 @@ class Client:
         ``compute(obj)`` returns the new status (merged into the old), or None for "no
         change". A conflict re-reads and recomputes. A missing object is created from
         ``create`` first, or the call returns None. ``known``: an object just read (saves
-        the first GET).
+        the first GET); else the last version this client wrote, if any (a stale one costs a
+        409 and a re-read, nothing else).
         """
         path = naming.mtlscerts_path(namespace, name)
+        known = known or self._recent.pop((namespace, name), None)
         for _ in range(10):
             obj, known = (
                 (known, None) if known is not None else (await self.get_or_none(path), None)
@@ -247,10 +253,17 @@ class Client:
                 "status": new,
             }
             try:
-                return await self.merge_patch(path + "/status", patch)
+                written = await self.merge_patch(path + "/status", patch)
             except errors.Conflict:
                 continue
+            self._remember((namespace, name), written)
+            return written
         raise errors.APIError(f"MTLSCert {namespace}/{name} kept changing; will retry", delay=1.0)
+
+    def _remember(self, key: tuple[str, str], obj: Obj) -> None:
+        if len(self._recent) >= RECENT_WRITES:
+            self._recent.pop(next(iter(self._recent)))
+        self._recent[key] = obj
 
     async def get_pod(self, namespace: str, name: str) -> Obj | None:
         return await self.get_or_none(f"/api/v1/namespaces/{namespace}/pods/{name}")

@@ -3,10 +3,10 @@
 The signing API must not call the API server more than once per request on its hot path
 (DESIGN.md §Signing API): a review's answer is cached until the token expires. A review
 does not return the expiry, so it is read from the JWT's ``exp`` claim *without*
-verifying it (the review did the verifying) and capped at :data:`MAX_TTL`; a token whose
-claims cannot be read is cached for :data:`MAX_TTL` only. Refusals are cached briefly so a
-misbehaving client cannot turn every request into an API call. Tokens are kept as their
-SHA-256 only.
+verifying it (the review did the verifying), capped at :data:`MAX_TTL` (projected tokens
+live an hour). A deleted pod's cached token still fails: the pod index no longer has it.
+Refusals are cached briefly so a misbehaving client cannot turn every request into an API
+call. Tokens are kept as their SHA-256 only.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from kubemtls_operator import errors, kube, naming
 
 __all__ = ["Identity", "Reviewer", "jwt_expiry"]
 
-MAX_TTL = 300.0
+MAX_TTL = 3600.0
 NEGATIVE_TTL = 5.0
 MAX_ENTRIES = 50_000
 

@@ -58,6 +58,12 @@ class Runtime:
     #: pod UIDs whose MTLSCert is known to exist and be current (saves API calls).
     seen: set[str] = dataclasses.field(default_factory=set)
 
+    def forget(self, pod: workload.PodFacts) -> None:
+        """A pod is gone: drop what this replica remembers about it."""
+        self.seen.discard(pod.uid)
+        self.recorder.latest.pop((pod.namespace, pod.name), None)
+        metrics.forget_cert(pod.namespace, pod.name)
+
     async def lookup_pod(self, namespace: str, name: str) -> workload.PodFacts | None:
         """From the kopf index; on a miss (the watch may lag a fresh pod), from the API."""
         for facts in self.pods.get((namespace, name), ()):

@@ -17,7 +17,7 @@ __all__ = ["main"]
 
 def _loop_factory() -> asyncio.AbstractEventLoop:
     try:
-        import uvloop  # type: ignore[import-not-found,unused-ignore]
+        import uvloop
     except ImportError:
         return asyncio.new_event_loop()
     loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()

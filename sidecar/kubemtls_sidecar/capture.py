@@ -144,8 +144,7 @@ class CaptureOutbound:
         try:
             await self._route(app_side)
         finally:
-            if not app_side.closed.done():
-                app_side.abort()
+            app_side.release()  # a 502 or FIN already on its way still goes out
 
     async def _route(self, app_side: pipe.PlainEndpoint) -> None:
         dst = _original_port(app_side)

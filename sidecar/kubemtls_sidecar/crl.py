@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import re
 from collections.abc import Iterable, Mapping
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
-__all__ = ["CrlSet", "issuer_label", "load_crls", "merge", "revoked"]
+__all__ = ["CrlSet", "ca_key", "issuer_label", "load_crls", "merge", "revoked"]
 
 _PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.S)
 SKEW = datetime.timedelta(minutes=5)
@@ -48,7 +50,11 @@ def issuer_label(name: x509.Name) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class CrlSet:
-    """The newest CRL per trusted CA (keyed by the CA subject's DER) and what is missing."""
+    """The newest CRL per trusted CA and the CAs without one.
+
+    Keyed by the CA's public key (SHA-256 of its SPKI), not its name: a CA rollover may
+    reuse the subject, and each CA's CRL must survive the other's.
+    """
 
     by_issuer: Mapping[bytes, x509.CertificateRevocationList]
     missing: tuple[x509.Name, ...]  # trusted CAs with no CRL
@@ -63,14 +69,20 @@ class CrlSet:
         return min(ends) if ends else None
 
     def pem(self) -> bytes:
-        from cryptography.hazmat.primitives import serialization
-
         return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.by_issuer.values())
 
 
 def _current(c: x509.CertificateRevocationList, now: datetime.datetime) -> bool:
     nu = c.next_update_utc
     return c.last_update_utc <= now + SKEW and (nu is None or now < nu)
+
+
+def ca_key(ca: x509.Certificate) -> bytes:
+    """The key of a CA in ``CrlSet.by_issuer``."""
+    spki = ca.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).digest()
 
 
 def merge(
@@ -83,21 +95,17 @@ def merge(
     CRLs of CAs no longer trusted are dropped; a CRL whose signature does not verify with
     its issuer's key is ignored.
     """
-    ca_by_subject: dict[bytes, list[x509.Certificate]] = {}
-    for ca in cas:
-        ca_by_subject.setdefault(ca.subject.public_bytes(), []).append(ca)
-    best: dict[bytes, x509.CertificateRevocationList] = {
-        k: v for k, v in known.items() if k in ca_by_subject
-    }
+    by_key = {ca_key(ca): ca for ca in cas}
+    best = {k: v for k, v in known.items() if k in by_key}
     for c in new:
-        key = c.issuer.public_bytes()
-        issuers = ca_by_subject.get(key, [])
-        if not any(_signed_by(c, ca) for ca in issuers):
-            continue
-        old = best.get(key)
-        if old is None or crl_number(c) >= crl_number(old):
-            best[key] = c
-    missing = tuple(v[0].subject for k, v in ca_by_subject.items() if k not in best)
+        for key, ca in by_key.items():
+            if ca.subject != c.issuer or not _signed_by(c, ca):
+                continue
+            old = best.get(key)
+            if old is None or crl_number(c) >= crl_number(old):
+                best[key] = c
+            break
+    missing = tuple(ca.subject for k, ca in by_key.items() if k not in best)
     return CrlSet(best, missing)
 
 
@@ -109,8 +117,9 @@ def _signed_by(c: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
 
 
 def revoked(crls: CrlSet, leaf: x509.Certificate) -> bool:
-    """True when the leaf's issuer's CRL lists its serial (stale CRLs still count)."""
-    c = crls.by_issuer.get(leaf.issuer.public_bytes())
-    return (
-        c is not None and c.get_revoked_certificate_by_serial_number(leaf.serial_number) is not None
+    """True when a CRL of the leaf's issuer lists its serial (stale CRLs still count)."""
+    return any(
+        c.issuer == leaf.issuer
+        and c.get_revoked_certificate_by_serial_number(leaf.serial_number) is not None
+        for c in crls.by_issuer.values()
     )

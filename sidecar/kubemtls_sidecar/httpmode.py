@@ -6,9 +6,10 @@ verified peer's identity (XFCC and RFC 9440 ``Client-Cert``), and (3) refuse bea
 tokens bound to another certificate (RFC 8705, ``tokenbinding``) with a 401.
 
 One downstream connection is tied to one upstream connection, as in TCP mode. Requests
-are handled one at a time (h11 pauses a pipelined request until the previous response
-is finished), bodies are streamed event by event (never buffered whole), chunked bodies
-and trailers are re-framed by h11, and a request head larger than the limit gets a 431.
+are handled one at a time (a pipelined request is parsed only once the previous answer
+has ended), bodies are streamed event by event (never buffered whole), chunked request
+bodies and trailers are re-framed by h11, a request head larger than the limit gets a 431,
+and the app's answers go down as raw bytes (h11 parses them only to find where each ends).
 ``Connection: upgrade`` (WebSocket) is passed to the app; if the app answers 101 both
 sides become a raw byte tunnel. ``CONNECT`` is refused (405): this is not a forward proxy.
 
@@ -127,15 +128,6 @@ async def _send(conn: h11.Connection, writer: Writer, event: h11.Event) -> None:
         await writer.drain()
 
 
-def _as_11(
-    event: h11.Response | h11.InformationalResponse,
-) -> h11.Response | h11.InformationalResponse:
-    """The response as h11 sends it: HTTP/1.1 (h11 re-frames an HTTP/1.0 answer)."""
-    if event.http_version == b"1.1":
-        return event
-    return type(event)(status_code=event.status_code, headers=event.headers, reason=event.reason)
-
-
 class HttpForwarder:
     """Forward HTTP/1.1 between a TLS peer (downstream) and the app (upstream)."""
 
@@ -151,13 +143,23 @@ class HttpForwarder:
         self, down_reader: Reader, down_writer: Writer, up_reader: Reader, up_writer: Writer
     ) -> None:
         """Serve requests until either side closes; never raises for I/O failures."""
-        down = h11.Connection(h11.SERVER, max_incomplete_event_size=self._settings.max_header_bytes)
+        down = self._downstream_parser(b"", closed=False)
         up = h11.Connection(h11.CLIENT)
         with contextlib.suppress(_Closed, ConnectionError, OSError):
             streams = (down_reader, down_writer, up_reader, up_writer)
             while await self._one_exchange(down, up, *streams):
-                down.start_next_cycle()
+                # The response went down as raw bytes, not through ``down``: the next
+                # request gets a fresh parser with what is left (pipelined requests).
+                down = self._downstream_parser(*down.trailing_data)
                 up.start_next_cycle()
+
+    def _downstream_parser(self, pending: bytes, closed: bool) -> h11.Connection:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._settings.max_header_bytes)
+        if pending:
+            conn.receive_data(pending)
+        if closed:
+            conn.receive_data(b"")
+        return conn
 
     async def refuse_unreachable(self, down_writer: Writer) -> None:
         """Answer 502 to the first request when the app cannot be reached."""
@@ -208,10 +210,11 @@ class HttpForwarder:
             await up_out.flush()
             streams = (down_reader, down_writer, up_reader, up_writer)
             await self._exchange_bodies(down, up, *streams, first=first)
-        if up.our_state is h11.SWITCHED_PROTOCOL and down.our_state is h11.SWITCHED_PROTOCOL:
-            await _tunnel(down, up, down_reader, down_writer, up_reader, up_writer)
+        if up.our_state is h11.SWITCHED_PROTOCOL:
+            await _tunnel(down.trailing_data[0], down_reader, down_writer, up_reader, up_writer)
             return False
-        return all(state is h11.DONE for state in (*down.states.values(), *up.states.values()))
+        reusable = down.their_state is h11.DONE
+        return reusable and all(state is h11.DONE for state in up.states.values())
 
     def _prepare(
         self, event: h11.Request
@@ -309,29 +312,37 @@ class HttpForwarder:
     async def _pump_response(
         self, down: h11.Connection, up: h11.Connection, up_reader: Reader, down_writer: Writer
     ) -> None:
-        out = _Out(down, down_writer)
+        """Pass the app's answer down as it arrives, raw; h11 parses it only for framing.
+
+        The answer is not rewritten, so it is not re-serialised either: h11 tells where
+        it ends (and whether the connections may be reused); the bytes go down unchanged.
+        """
+        sent = False
         while True:
             try:
-                event = await _next_event(up, up_reader, out)
+                event = up.next_event()
+                if event is h11.NEED_DATA:
+                    try:
+                        data = await up_reader.read(_READ_SIZE)
+                    except (ConnectionError, OSError) as e:
+                        raise _Closed(str(e)) from e
+                    if data:
+                        down_writer.write(data)
+                        sent = True
+                        await down_writer.drain()
+                    up.receive_data(data)
+                    continue
             except (h11.RemoteProtocolError, _Closed) as e:
-                await out.flush()
-                await self._refuse(down, down_writer, 502, f"the app's answer is broken: {e}")
+                if not sent:
+                    await self._refuse(down, down_writer, 502, f"the app's answer is broken: {e}")
                 raise _Closed(str(e)) from e
-            if isinstance(event, h11.InformationalResponse):
-                out.add(_as_11(event))
-                if event.status_code == 101:
-                    await out.flush()
-                    return
-            elif isinstance(event, h11.Response):
-                out.add(_as_11(event))
-            elif isinstance(event, h11.Data | h11.EndOfMessage):
-                out.add(event)
-                if isinstance(event, h11.EndOfMessage):
-                    await out.flush()
-                    return
-            else:  # ConnectionClosed before the response ended
-                await out.flush()
-                await self._refuse(down, down_writer, 502, "the app closed the connection")
+            if isinstance(event, h11.EndOfMessage) or (
+                isinstance(event, h11.InformationalResponse) and event.status_code == 101
+            ):
+                return
+            if isinstance(event, h11.ConnectionClosed):
+                if not sent:
+                    await self._refuse(down, down_writer, 502, "the app closed the connection")
                 raise _Closed("the app closed the connection")
 
     async def _refuse(
@@ -372,17 +383,17 @@ async def _copy(initial: bytes, reader: Reader, writer: Writer) -> None:
 
 
 async def _tunnel(
-    down: h11.Connection,
-    up: h11.Connection,
+    pending: bytes,
     down_reader: Reader,
     down_writer: Writer,
     up_reader: Reader,
     up_writer: Writer,
 ) -> None:
-    """After a 101: raw bytes both ways, starting with what h11 had already read."""
+    """After a 101: raw bytes both ways (the app's side went down raw already; ``pending``
+    is what the client sent after its upgrade request)."""
     async with asyncio.TaskGroup() as tg:
-        tg.create_task(_copy(down.trailing_data[0], down_reader, up_writer))
-        tg.create_task(_copy(up.trailing_data[0], up_reader, down_writer))
+        tg.create_task(_copy(pending, down_reader, up_writer))
+        tg.create_task(_copy(b"", up_reader, down_writer))
 
 
 async def forward(

@@ -232,9 +232,9 @@ class SignerSource:
                 continue
             if trust is None:
                 continue  # 304: unchanged
-            self._etag = trust.etag
             try:
                 self._apply_trust(trust.trust_pem, trust.crl_pem)
+                self._etag = trust.etag  # only once applied: a refused one is fetched again
             except ValueError as e:
                 logger.warning("refused the signer's new trust bundle or CRL: %s", e)
             if trust.rekey:

@@ -124,7 +124,7 @@ async def _pump(
         active.dec()
         m.bytes.labels(direction, "rx").inc(tls_side.bytes_in)
         m.bytes.labels(direction, "tx").inc(tls_side.bytes_out)
-        plain_side.abort() if not plain_side.closed.done() else None
+        plain_side.release()
 
 
 def forwarder_for(protocol: str) -> Forwarder:
@@ -203,6 +203,7 @@ class InboundListener:
                     "TLS handshake refused",
                     direction="inbound",
                     peer=_addr(ep.peername),
+                    **e.presented,
                     alert=f.alert,
                     alert_sent_by=f.sent_by,
                     reason=f.reason,
@@ -216,8 +217,7 @@ class InboundListener:
                 return
             await self.forward(ep, peer, self.app_host, self.app_port, cfg, m)
         finally:
-            if not ep.closed.done():
-                ep.abort()
+            ep.release()  # cancelled (drain cut) or failed: never cut a pending alert
 
     def _authorized(self, ep: tlsconn.TlsEndpoint, peer: Peer, snap: tlsstore.Snapshot) -> bool:
         alert = reason = None

@@ -2,8 +2,8 @@
 
 One ``Metrics`` object per process (tests make one per sidecar, so counters never leak
 between them). Names start with ``kubemtls_sidecar_``. The hot path never touches a
-metric per chunk: connections count bytes in plain ints and flush them here on a timer
-and at close.
+metric per chunk: connections count bytes in plain ints and add them here when they
+close (a long-lived connection's bytes appear at its end).
 """
 
 from __future__ import annotations

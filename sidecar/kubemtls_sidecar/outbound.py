@@ -97,10 +97,12 @@ class OutboundListener:
                     "upstream TLS handshake failed; closing the app's connection",
                     direction="outbound",
                     upstream=where,
+                    **e.presented,
                     alert=f.alert,
                     alert_sent_by=f.sent_by,
                     reason=f.reason,
                 )
+                app.close()  # FIN: the app sees the connection end
                 return
             except (OSError, TimeoutError) as e:
                 m.connections.labels("outbound", "upstream_unreachable").inc()
@@ -116,6 +118,7 @@ class OutboundListener:
                         else str(e) or "handshake timeout"
                     ),
                 )
+                app.close()  # FIN: the app sees the connection end
                 return
             m.handshake_seconds.labels("outbound").observe(loop.time() - started)
             await _pump(upstream, app, self.cfg, m)
@@ -133,10 +136,9 @@ class OutboundListener:
                     reason=f.reason,
                 )
         finally:
-            if not app.closed.done():
-                app.abort()
-            if upstream is not None and not upstream.closed.done():
-                upstream.abort()
+            app.release()
+            if upstream is not None:
+                upstream.release()
 
 
 async def _pump(

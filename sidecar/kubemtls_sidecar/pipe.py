@@ -115,6 +115,12 @@ class Endpoint(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def release(self) -> None:
+        """Abort unless already closed or closing (a pending alert or FIN still goes out)."""
+        t = self.transport
+        if t is not None and not self.closed.done() and not t.is_closing():
+            t.abort()
+
     # --- stream use (when not fused) ------------------------------------------------------
     async def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes (any amount if -1); b"" at EOF."""

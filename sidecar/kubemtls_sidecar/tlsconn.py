@@ -20,19 +20,75 @@ from collections.abc import Callable
 
 from kubemtls_sidecar import alerts, pipe
 
-__all__ = ["HandshakeError", "TlsEndpoint"]
+__all__ = ["HandshakeError", "TlsEndpoint", "enable_peer_capture"]
 
 logger = logging.getLogger(__name__)
 
 _READ_SIZE = 256 * 1024
+_PRESENTED = "kubemtls_presented"  # attribute set on the SSLObject by the message callback
+
+
+def _first_certificate(msg: bytes) -> bytes | None:
+    """The first DER certificate of a TLS Certificate handshake message (1.2 or 1.3)."""
+    body = msg[4:]
+    if len(body) >= 3 and int.from_bytes(body[:3], "big") == len(body) - 3:
+        entries = body[3:]  # TLS 1.2: certificate_list
+    elif body:
+        ctx_len = body[0]  # TLS 1.3: certificate_request_context, then certificate_list
+        entries = body[1 + ctx_len + 3 :]
+    else:
+        return None
+    if len(entries) < 3:
+        return None  # an empty list: no certificate presented
+    n = int.from_bytes(entries[:3], "big")
+    der = entries[3 : 3 + n]
+    return der if len(der) == n and n else None
+
+
+def _on_message(
+    conn: object, direction: str, version: int, content_type: int, msg_type: int, data: bytes
+) -> None:
+    # Handshake (22) Certificate (11) message from the peer: keep its leaf for the log
+    # line of a refused handshake (getpeercert() is unavailable once the handshake failed).
+    if content_type == 22 and msg_type == 11 and direction == "read":
+        with contextlib.suppress(Exception):
+            setattr(conn, _PRESENTED, _first_certificate(data))
+
+
+def enable_peer_capture(ctx: ssl.SSLContext) -> None:
+    """Record the certificate a peer presents, during the handshake only.
+
+    Uses the C-level message callback of ``_ssl._SSLContext`` (the ``ssl.SSLContext``
+    property wraps it in enum conversions that cost ~5 us per record). It is called for
+    every record header too, so ``TlsEndpoint`` moves each connection to a context without
+    the callback once its handshake is over (``SSLObject.context``: ``SSL_set_SSL_CTX``).
+    """
+    base = ssl.SSLContext.__mro__[1]  # _ssl._SSLContext
+    base._msg_callback.__set__(ctx, _on_message)  # type: ignore[attr-defined]
+
+
+_QUIET: dict[bool, ssl.SSLContext] = {}
+
+
+def _quiet_context(server_side: bool) -> ssl.SSLContext:
+    """A context without the callback, for the data phase (only its identity matters)."""
+    ctx = _QUIET.get(server_side)
+    if ctx is None:
+        ctx = _QUIET[server_side] = ssl.SSLContext(
+            ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT
+        )
+    return ctx
 
 
 class HandshakeError(Exception):
     """A refused or failed handshake, with the alert as classified."""
 
-    def __init__(self, failure: alerts.Failure) -> None:
+    def __init__(
+        self, failure: alerts.Failure, presented: dict[str, str | None] | None = None
+    ) -> None:
         super().__init__(failure.reason)
         self.failure = failure
+        self.presented = presented or {}  # the peer's claimed identity, for the log
 
 
 class TlsEndpoint(pipe.Endpoint):
@@ -82,6 +138,10 @@ class TlsEndpoint(pipe.Endpoint):
             return
         self._flush()
         self.established = True
+        if self.ssl.context.__class__ is ssl.SSLContext and getattr(
+            self.ssl.context, "_msg_callback", None
+        ):
+            self.ssl.context = _quiet_context(self.ssl.server_side)
         if not self.handshake.done():
             self.handshake.set_result(None)
         if self._incoming.pending:
@@ -89,7 +149,7 @@ class TlsEndpoint(pipe.Endpoint):
 
     def _fail(self, failure: alerts.Failure) -> None:
         if not self.handshake.done():
-            self.handshake.set_exception(HandshakeError(failure))
+            self.handshake.set_exception(HandshakeError(failure, self.presented()))
             self.handshake.exception()  # retrieved: the owner may have given up waiting
         if self.transport is not None:
             self.transport.close()
@@ -190,6 +250,21 @@ class TlsEndpoint(pipe.Endpoint):
     def _flush(self) -> None:
         if self._outgoing.pending and self.transport is not None:
             self.transport.write(self._outgoing.read())
+
+    def presented(self) -> dict[str, str | None]:
+        """Who the peer claimed to be in a failed handshake (log fields; empty if unknown)."""
+        der = getattr(self.ssl, _PRESENTED, None)
+        if not der:
+            return {}
+        try:
+            from cryptography import x509
+
+            from kubemtls_sidecar import certs
+
+            f = certs.facts(x509.load_der_x509_certificate(der))
+        except Exception:  # a malformed certificate: say nothing rather than fail the log
+            return {}
+        return {"peer_identity": f.spiffe_id or f.subject, "peer_serial": f.serial}
 
     def peer_certificate_der(self) -> bytes | None:
         """The peer's leaf certificate (DER), once the handshake is done."""

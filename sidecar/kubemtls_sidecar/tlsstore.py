@@ -25,7 +25,7 @@ from cryptography import exceptions, x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from kubemtls_sidecar import certs, crl, logs, metrics
+from kubemtls_sidecar import certs, crl, logs, metrics, tlsconn
 
 __all__ = ["MaterialError", "Snapshot", "TlsStore", "build_contexts"]
 
@@ -113,6 +113,10 @@ def build_contexts(
     with _memfile("kubemtls-chain", chain_pem) as cpath, _memfile("kubemtls-key", key_pem) as kpath:
         for ctx in {id(c): c for c in (server, client, upstream)}.values():
             ctx.load_cert_chain(cpath, kpath)
+    tlsconn.enable_peer_capture(server)
+    tlsconn.enable_peer_capture(client)
+    if upstream is not client:
+        tlsconn.enable_peer_capture(upstream)
     _load_trust(server, trust_pem, crl_pem)
     _load_trust(client, trust_pem, crl_pem)
     if upstream_pem:
@@ -228,6 +232,16 @@ class TlsStore:
         except (MaterialError, ValueError, ssl.SSLError) as e:
             return self._refuse("trust", source, e)
         self._trust_pem, self._trust, self._crls = trust_pem, cas, crls
+        if crls is not None and crls.missing:
+            logs.event(
+                logger,
+                logging.WARNING,
+                "no CRL for some trusted CAs: revocation of "
+                "their peers is checked only against the CRLs present, after the "
+                "handshake",
+                source=source,
+                issuers=[crl.issuer_label(n) for n in crls.missing],
+            )
         self._report_crls()
         if snap is not None:
             self._swap(snap, "trust", source)
@@ -333,12 +347,11 @@ class TlsStore:
         m.crl_missing.set(1 if crls is None else 0)
         if crls is None:
             return
-        for key, c in crls.by_issuer.items():
+        for c in crls.by_issuer.values():
             label = crl.issuer_label(c.issuer)
             m.crl_age.labels(label).set((now - c.last_update_utc).total_seconds())
             nu = c.next_update_utc
             m.crl_stale.labels(label).set(1 if nu is not None and now >= nu else 0)
-            del key
         for name in crls.missing:
             m.crl_stale.labels(crl.issuer_label(name)).set(1)
 

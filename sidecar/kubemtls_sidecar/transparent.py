@@ -10,7 +10,8 @@ itself), loopback destinations, the admin port, DNS, and the API server.
 
 The rules live in two chains of our own (``KUBEMTLS_INBOUND``, ``KUBEMTLS_OUTBOUND``), so
 installing twice is harmless: the chains are flushed and refilled, and the jumps into
-them from PREROUTING / OUTPUT are added only when missing. IPv4 only.
+them from PREROUTING / OUTPUT are added only when missing. The capture is IPv4 only; IPv6
+fails closed (``ipv6_reject_rules``: the same ports are reset, never passed in plaintext).
 
 :func:`original_dst` reads where a redirected connection was going
 (``SO_ORIGINAL_DST``, netfilter's ``getsockopt(SOL_IP, 80)`` → ``sockaddr_in``).
@@ -21,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
+import os
 import socket
 import struct
 import subprocess
@@ -34,6 +36,7 @@ __all__ = [
     "SO_ORIGINAL_DST",
     "RedirectPlan",
     "install_redirects",
+    "ipv6_reject_rules",
     "original_dst",
     "redirect_rules",
 ]
@@ -152,11 +155,64 @@ Runner = Callable[[Sequence[str], str | None], "subprocess.CompletedProcess[str]
 
 
 def _run(argv: Sequence[str], stdin: str | None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(argv), input=stdin, capture_output=True, text=True, check=False)
+    try:
+        return subprocess.run(list(argv), input=stdin, capture_output=True, text=True, check=False)
+    except OSError as e:  # not installed in this image
+        return subprocess.CompletedProcess(list(argv), 127, "", f"cannot run {argv[0]}: {e}")
+
+
+def ipv6_reject_rules(cfg: config.Config | RedirectPlan) -> list[str]:
+    """IPv6 fails closed: the filter rules that reject (TCP reset) what IPv4 redirects.
+
+    The capture is IPv4 only; without these an app could reach the EHR over IPv6 in
+    plaintext, or a peer could reach the app's port over IPv6 around the sidecar.
+
+    Raises:
+        ConfigError: as :func:`redirect_rules`.
+    """
+    redirect_rules(cfg)  # the same validation
+    plan = cfg if isinstance(cfg, RedirectPlan) else RedirectPlan.from_config(cfg)
+    inbound, outbound = INBOUND_CHAIN, OUTBOUND_CHAIN
+    reject = "-j REJECT --reject-with tcp-reset"
+    rules = [
+        "*filter",
+        f":{inbound} - [0:0]",
+        f":{outbound} - [0:0]",
+        f"-F {inbound}",
+        f"-F {outbound}",
+        f"-A {inbound} -i lo -j RETURN",
+        *(f"-A {inbound} -p tcp --dport {port} {reject}" for port in plan.inbound_ports),
+        f"-A {outbound} -m owner --uid-owner {plan.uid} -j RETURN",
+        f"-A {outbound} -o lo -j RETURN",
+        *(f"-A {outbound} -p tcp --dport {port} {reject}" for port in plan.outbound_ports),
+        f"-A INPUT -p tcp -j {inbound}",
+        f"-A OUTPUT -p tcp -j {outbound}",
+        "COMMIT",
+    ]
+    return rules
+
+
+def _restore(rules: list[str], family: str, run: Runner) -> None:
+    """``<family>-restore --noflush``, adding the jumps into our chains only when missing."""
+    table = rules[0].lstrip("*")
+    text = "\n".join(
+        r
+        for r in rules
+        if not (
+            r.startswith(("-A PREROUTING ", "-A INPUT ", "-A OUTPUT "))
+            and run([family, "-t", table, "-C", *r.split()[1:]], None).returncode == 0
+        )
+    )
+    done = run([f"{family}-restore", "--noflush"], text + "\n")
+    if done.returncode != 0:
+        raise errors.KubemtlsError(
+            f"{family}-restore refused the rules: {done.stderr.strip() or done.stdout.strip()}"
+        )
 
 
 def install_redirects(cfg: config.Config | RedirectPlan, *, run: Runner = _run) -> None:
-    """Install :func:`redirect_rules` with ``iptables-restore --noflush`` (idempotent).
+    """Install :func:`redirect_rules` (and :func:`ipv6_reject_rules` when the kernel has
+    IPv6) with ``iptables-restore --noflush``; installing twice changes nothing.
 
     Raises:
         ConfigError: the configuration cannot be redirected.
@@ -164,24 +220,17 @@ def install_redirects(cfg: config.Config | RedirectPlan, *, run: Runner = _run) 
     """
     rules = redirect_rules(cfg)  # validates (and refuses explicit mode) before any iptables
     plan = cfg if isinstance(cfg, RedirectPlan) else RedirectPlan.from_config(cfg)
-    jumps = set(_jump_rules())
-    existing = []
-    for jump in jumps:
-        check = run(["iptables", "-t", "nat", "-C", *jump.split()[1:]], None)
-        if check.returncode == 0:
-            existing.append(jump)
-    text = "\n".join(r for r in rules if r not in existing) + "\n"
-    done = run(["iptables-restore", "--noflush"], text)
-    if done.returncode != 0:
-        raise errors.KubemtlsError(
-            f"iptables-restore refused the redirect rules: {done.stderr.strip() or done.stdout}"
-        )
+    _restore(rules, "iptables", run)
+    ipv6 = os.path.exists("/proc/net/if_inet6")
+    if ipv6:
+        _restore(ipv6_reject_rules(plan), "ip6tables", run)
     logger.info(
-        "installed transparent redirects: inbound ports %s -> %d, outbound ports %s -> %d",
+        "installed transparent redirects: inbound ports %s -> %d, outbound ports %s -> %d%s",
         ",".join(map(str, plan.inbound_ports)) or "none",
         plan.inbound_capture_port,
         ",".join(map(str, plan.outbound_ports)) or "none",
         plan.outbound_capture_port,
+        "; the same ports are rejected over IPv6" if ipv6 else "",
     )
 
 

@@ -15,7 +15,7 @@ import pytest
 from chart import chartkit
 from chart.chartkit import find, kinds, render, render_error, run_helm
 
-NEWEST = "1.37.0"
+NEWEST: str = kubernetes_validate.latest_version()  # the newest schema it ships
 
 # (values, kube versions to validate against). The default needs 1.29 (native sidecars).
 OPTIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -370,3 +370,22 @@ def _assert_schema_covers(values: Any, schema: dict[str, Any], path: str) -> Non
 def _env(deployment: dict[str, Any]) -> dict[str, str | None]:
     (c,) = deployment["spec"]["template"]["spec"]["containers"]
     return {e["name"]: e.get("value") for e in c["env"]}
+
+
+@pytest.mark.parametrize("option", ["default", "everything"])
+def test_every_object_is_labelled_and_placed(option: str) -> None:
+    sets, versions = OPTIONS[option]
+    for m in render(*sets, kube_version=versions[0]):
+        labels = m["metadata"].get("labels", {})
+        if m["kind"] == "CustomResourceDefinition":
+            continue  # crds/ is not templated (Helm installs it as is)
+        assert labels["app.kubernetes.io/part-of"] == "kubemtls", m["kind"]
+        assert labels["app.kubernetes.io/instance"] == chartkit.RELEASE, m["kind"]
+        cluster_scoped = {
+            "ClusterRole", "ClusterRoleBinding", "MutatingWebhookConfiguration",
+            "ClusterKopfPeering",
+        }  # fmt: skip
+        if m["kind"] in cluster_scoped:
+            assert "namespace" not in m["metadata"], m["kind"]
+        elif m["kind"] != "NetworkPolicy":  # those go to the protected namespaces
+            assert m["metadata"]["namespace"] == chartkit.NAMESPACE, m["kind"]

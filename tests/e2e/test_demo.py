@@ -25,19 +25,10 @@ EXPECTED_SCENES = list(scenes.NAMES)
 # --- the demo, end to end (slow) ---------------------------------------------------------
 
 
-# Known gap (see test_revocation_fails_no_request): every other scene must pass.
-REVOCATION_GAP = (
-    "the EHR enforces the new CRL within ~1 s, but the sidecar learns of its revocation only "
-    "at its next GET /v1/trust poll (every 30 s): requests in between are refused"
-)
-
-
 @pytest.mark.slow
-def test_every_scene_passes_but_revocation(demo_run: report.Result) -> None:
+def test_every_scene_passes(demo_run: report.Result) -> None:
     statuses = {s.name: s.status for s in demo_run.scenes}
-    expected = dict.fromkeys(EXPECTED_SCENES, "pass")
-    expected["revocation"] = statuses.get("revocation", "missing")
-    assert statuses == expected, "\n".join(demo_run.output)
+    assert statuses == dict.fromkeys(EXPECTED_SCENES, "pass"), "\n".join(demo_run.output)
 
 
 @pytest.mark.slow
@@ -58,7 +49,17 @@ def test_app_request_reaches_ehr_with_pod_identity(demo_run: report.Result) -> N
 def test_direct_request_without_sidecar_gets_certificate_required(demo_run: report.Result) -> None:
     scene = demo_run.scene("no-sidecar")
     assert scene.data["alert"] == "certificate_required"
-    assert "CERTIFICATE_REQUIRED" in scene.data["client"].upper()
+    assert "alert certificate required" in scene.data["client"]
+
+
+@pytest.mark.slow
+def test_peer_api_gets_mesh_client_identity_and_refuses_no_certificate(
+    demo_run: report.Result,
+) -> None:
+    scene = demo_run.scene("peer-api")
+    assert scene.data["server"] == "spiffe://cluster.local/ns/clinic/sa/peer-api"
+    assert "URI=spiffe://cluster.local/ns/clinic/sa/batch-export" in scene.data["xfcc"]
+    assert scene.data["alert"] == "certificate_required"
 
 
 @pytest.mark.slow
@@ -70,20 +71,14 @@ def test_renewal_under_traffic_fails_no_request(demo_run: report.Result) -> None
 
 
 @pytest.mark.slow
-def test_revoked_pod_rekeys_to_a_new_serial(demo_run: report.Result) -> None:
+def test_revoked_pod_rekeys_without_failed_requests(demo_run: report.Result) -> None:
     scene = demo_run.scene("revocation")
     assert scene.data["after"] != scene.data["revoked"]
-    assert scene.data["in_crl"]
-    assert scene.data["recorded"]
+    assert scene.data["recorded"]  # status.revocations
+    assert scene.data["in_crl"]  # the CRL the EHR enforces lists the old serial
+    assert scene.data["before_ehr_crl_fetch"]  # re-keyed before the EHR's own CRL fetch
     assert scene.data["rekey_seconds"] < 35  # the sidecar polls /v1/trust every 30 s
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(reason=REVOCATION_GAP, strict=False)
-def test_revocation_fails_no_request(demo_run: report.Result) -> None:
-    scene = demo_run.scene("revocation")
-    assert scene.data["failed"] == 0, scene.summary
-    assert scene.status == "pass"
+    assert scene.data["failed"] == 0, scene.data["errors"]
 
 
 @pytest.mark.slow
@@ -105,8 +100,9 @@ def test_nothing_is_left_behind(demo_run: report.Result) -> None:
 
 
 @pytest.mark.slow
-def test_demo_takes_less_than_a_minute(demo_run: report.Result) -> None:
-    assert demo_run.seconds < 60, "\n".join(demo_run.output)
+def test_demo_finishes_within_its_budget(demo_run: report.Result) -> None:
+    # Typically 35-45 s; the revocation waits for the sidecar's 30 s /v1/trust poll.
+    assert demo_run.seconds < 90, "\n".join(demo_run.output)
 
 
 # --- the demo's own parts (fast) ---------------------------------------------------------
@@ -224,3 +220,18 @@ def test_table_renders_printer_columns() -> None:
         "2026-01-01T12:01:20Z",
         "30s",
     ]
+
+
+def test_inspect_prints_certificate_facts(
+    test_pki: testkit.TestPKI, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kubemtls_operator import cli
+
+    leaf = test_pki.leaf("clinic", "ehr-client")
+    leaf.write(tmp_path)
+    assert cli.main(["inspect", str(tmp_path / "tls.crt")]) == 0
+    out = capsys.readouterr().out
+    assert f"serial:       {leaf.cert.serial_number:x}" in out
+    assert "identity:     spiffe://cluster.local/ns/clinic/sa/ehr-client" in out
+    assert "usage:        clientAuth, serverAuth" in out
+    assert cli.main(["inspect", str(tmp_path / "tls.key")]) == 2  # a key is no certificate

@@ -376,3 +376,20 @@ def test_bad_durations(text: str) -> None:
 )
 def test_format_duration(seconds: int, text: str) -> None:
     assert annotations.format_duration(datetime.timedelta(seconds=seconds)) == text
+
+
+def test_a_mode_written_in_capitals_is_read_as_meant_for_the_other_checks() -> None:
+    message = problems({"kubemtls.io/mode": "Transparent", "kubemtls.io/inbound": "8080"})
+    assert message.startswith("kubemtls.io annotations are not valid:\n")  # one problem only
+    assert "values are lowercase" in message
+
+
+def test_an_unknown_mode_does_not_add_guesses_about_ports() -> None:
+    message = problems({"kubemtls.io/mode": "sidecar", "kubemtls.io/inbound": "8080"})
+    assert message.startswith("kubemtls.io annotations are not valid:\n")
+    assert "inbound" not in message
+
+
+def test_empty_values_mean_the_defaults() -> None:
+    spec = parse({"kubemtls.io/mode": "", "kubemtls.io/inbound": " ", "kubemtls.io/protocol": ""})
+    assert (spec.mode, spec.inbound, spec.protocol) == ("explicit", (), "tcp")

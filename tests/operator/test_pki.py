@@ -770,7 +770,9 @@ def test_trust_bundle_dedups_in_first_seen_order(
 _LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
 namespaces = st.from_regex(_LABEL, fullmatch=True)
 service_accounts = st.one_of(
-    st.lists(st.from_regex(_LABEL, fullmatch=True), min_size=1, max_size=6).map(".".join),
+    st.lists(st.from_regex(_LABEL, fullmatch=True), min_size=1, max_size=6)
+    .map(".".join)
+    .filter(lambda s: len(s) <= 253),
     st.from_regex(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", fullmatch=True).filter(
         lambda s: ".." not in s and ".-" not in s and "-." not in s
     ),

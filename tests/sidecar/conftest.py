@@ -12,6 +12,6 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
-from dataplane import echo_port, files, now, sidecar_args  # noqa: E402
+from dataplane import echo_port, files, now, sidecar_args
 
 __all__ = ["echo_port", "files", "now", "sidecar_args"]

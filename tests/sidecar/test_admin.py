@@ -54,4 +54,5 @@ async def test_probes_and_metrics(sidecar_args, echo_port, files: Files, tmp_pat
         assert float(line.split()[1]) == expected
         r.sidecar.draining = True
         status, body = await get(admin, "/readyz")
-        assert status == 503 and "draining" in body
+        assert status == 503
+        assert "draining" in body

@@ -162,6 +162,12 @@ async def test_identity_lifecycle_against_the_real_operator(
         # Revoked: the CRL reaches the store and the sidecar re-keys (fresh key, new serial).
         async with aiohttp.ClientSession() as session:
             api = Api(k8s.url, session)
+
+            async def recorded() -> bool:  # the status write follows the answer
+                cert = await api.mtlscert("web-1")
+                return bool(cert) and (cert.get("status") or {}).get("serial") == first.facts.serial
+
+            await _until(recorded)
             group = f"/apis/{contract.CRD_GROUP}/{contract.CRD_VERSION}"
             path = f"{group}/namespaces/default/mtlscerts/web-1"
             await api.patch(

@@ -8,9 +8,10 @@ import pathlib
 import ssl
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 from dataplane import (
-    blocking_exchange,
     Files,
+    blocking_exchange,
     client_context,
     free_port,
     leaf_args,
@@ -19,7 +20,6 @@ from dataplane import (
     running_sidecar,
     s_client,
 )
-from cryptography.hazmat.primitives.asymmetric import rsa
 from testkit import TestPKI, eventually
 
 REFUSED = "TLS handshake refused"
@@ -57,7 +57,8 @@ async def test_tls12_client_gets_aead_forward_secret_cipher(inbound, files: File
     )
     name, version, _ = writer.get_extra_info("cipher")
     assert version == "TLSv1.2"
-    assert name.startswith("ECDHE-") and ("GCM" in name or "CHACHA20" in name)
+    assert name.startswith("ECDHE-")
+    assert "GCM" in name or "CHACHA20" in name
     writer.close()
 
 
@@ -78,7 +79,7 @@ def _not_yet_valid(pki_: TestPKI, now: datetime.datetime):
 
 
 def _rsa1024(pki_: TestPKI, now: datetime.datetime):
-    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505 - must be refused
     return raw_leaf(
         pki_.ca,
         not_before=now - datetime.timedelta(hours=1),
@@ -156,6 +157,10 @@ async def test_refused_client_gets_the_alert_and_one_log_line(
     assert line["direction"] == "inbound"
     assert str(line["peer"]).startswith("127.0.0.1:")
     assert line["reason"]
+    if mint == "other":  # the identity it presented, though refused
+        assert line["peer_identity"] == "spiffe://cluster.local/ns/default/sa/default"
+    if mint is None:
+        assert "peer_identity" not in line
     if alert is not None:
         assert line["alert"] == alert
         assert line["alert_sent_by"] == "us"
@@ -186,8 +191,8 @@ async def test_revoked_client_gets_certificate_revoked(
             port,
             "-CAfile",
             str(files.trust_dir / "ca.crt"),
-            until="ping",
             *leaf_args(files.pki.leaf("billing", "fine"), tmp_path),
+            until="ping",
         )
         assert "ping" in ok
     assert [f["alert"] for f in log_fields(caplog, REFUSED)] == ["certificate_revoked"] * 2

@@ -68,7 +68,9 @@ async def test_sigterm_drains_in_flight_data_then_exits_0(files: Files, tmp_path
     assert proc.stderr is not None
     lines = [json.loads(x) for x in (await proc.stderr.read()).decode().splitlines() if x]
     stopped = [x for x in lines if x["msg"] == "stopped"]
-    assert stopped and stopped[0]["drained"] == 1 and stopped[0]["cut"] == 0
+    assert stopped
+    assert stopped[0]["drained"] == 1
+    assert stopped[0]["cut"] == 0
 
 
 async def test_handshake_timeout_closes_a_silent_client(sidecar_args, echo_port, caplog):
@@ -139,7 +141,8 @@ def test_bad_flag_exits_2_with_one_line(files: Files, capsys, argv, words):
     argv = [a.format(certs=files.cert_dir, trust=files.trust_dir) for a in argv]
     assert sidecar_main.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and words in err, err
+    assert err.count("\n") == 1, err
+    assert words in err, err
 
 
 def test_unusable_cert_file_exits_2_with_one_line(files: Files, tmp_path):

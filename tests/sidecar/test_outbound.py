@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from dataplane import Files, free_port, log_fields, raw_leaf, running_sidecar
+from kubemtls_sidecar import certs
 from testkit import Leaf, TestPKI, eventually
 
 FAILED = "upstream TLS handshake failed; closing the app's connection"
@@ -111,6 +112,7 @@ async def test_refused_upstream_closes_the_app_connection(
     assert lines[0]["alert"] == alert
     assert lines[0]["alert_sent_by"] == "us"
     assert lines[0]["upstream"] == f"localhost:{up_port}"
+    assert lines[0]["peer_identity"] == certs.facts(up.cert).spiffe_id  # who it claimed to be
     assert peers == [] or all(p for p in peers)  # no application data reached it
 
 

@@ -120,7 +120,8 @@ def test_install_is_idempotent_in_a_scratch_netns() -> None:
     script = (
         "set -e; for i in 1 2; do "
         f"{sys.executable} -m kubemtls_sidecar --install-redirects --mode transparent "
-        "--inbound 8080 --outbound 80=fhir.ehr.example.org:443; done; iptables-save -t nat"
+        "--inbound 8080 --outbound 80=fhir.ehr.example.org:443; done; iptables-save -t nat; "
+        "echo ===; ip6tables-save -t filter"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("KUBEMTLS_")}
     done = subprocess.run(
@@ -132,9 +133,25 @@ def test_install_is_idempotent_in_a_scratch_netns() -> None:
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.count(f"-j {transparent.INBOUND_CHAIN}") == 1
-    assert done.stdout.count("--to-ports 15001") == 1
-    assert "--uid-owner 1337 -j RETURN" in done.stdout
+    v4, v6 = done.stdout.split("===")
+    assert v4.count(f"-j {transparent.INBOUND_CHAIN}") == 1
+    assert v4.count("--to-ports 15001") == 1
+    assert "--uid-owner 1337 -j RETURN" in v4
+    # IPv6 fails closed: the same ports are reset, once.
+    assert v6.count(f"-A OUTPUT -p tcp -j {transparent.OUTBOUND_CHAIN}") == 1
+    assert v6.count("--dport 80 -j REJECT --reject-with tcp-reset") == 1
+    assert v6.count("--dport 8080 -j REJECT --reject-with tcp-reset") == 1
+
+
+def test_ipv6_rejects_what_ipv4_redirects() -> None:
+    cfg = cfg_of("--inbound", "8080", "--outbound", "80=fhir.ehr.example.org:443")
+    rules = transparent.ipv6_reject_rules(cfg)
+    assert rules[0] == "*filter"
+    outb = transparent.OUTBOUND_CHAIN
+    uid = f"-A {outb} -m owner --uid-owner {contract.SIDECAR_UID} -j RETURN"
+    reject = f"-A {outb} -p tcp --dport 80 -j REJECT --reject-with tcp-reset"
+    assert rules.index(uid) < rules.index(reject)
+    assert not any("REDIRECT" in r for r in rules)
 
 
 def test_choose_upstream_by_port_and_host() -> None:

@@ -191,8 +191,11 @@ class MockEHR:
     """The EHR server: ``start()``, ``stop()``, ``events``; trust comes from ``trust()``.
 
     ``trust`` returns ``(ca_bundle_pem, crl_pem)`` (the cluster's trust ConfigMap) or None
-    while it is not published yet; it is polled every ``refresh`` seconds and a change
-    rebuilds the TLS context used for new handshakes.
+    while it is not published yet. It is polled every ``refresh`` seconds: a new CA bundle
+    applies at once, a new CRL when the EHR next fetches its CRL — every ``crl_refresh``
+    seconds (0: at every poll), like a relying party downloading a CRL distribution point
+    on its own schedule, or at once on ``refresh_crl()`` (an EHR admin acting on a
+    revocation notice). A change rebuilds the TLS context used for new handshakes.
     """
 
     def __init__(
@@ -204,9 +207,12 @@ class MockEHR:
         key_file: pathlib.Path,
         trust: TrustSource,
         refresh: float = 1.0,
+        crl_refresh: float = 0.0,
     ) -> None:
         self.host, self.cert_file, self.key_file = host, cert_file, key_file
-        self._trust, self._refresh = trust, refresh
+        self._trust, self._refresh, self.crl_refresh = trust, refresh, crl_refresh
+        self._crl_fetched = 0.0  # monotonic time of the last CRL fetch
+        self._reload_lock = threading.Lock()
         self._trust_pem: tuple[bytes, bytes] | None = None
         self._ctx: ssl.SSLContext | None = None
         self._events: list[Event] = []
@@ -260,22 +266,46 @@ class MockEHR:
         for thread in self._threads:
             thread.join(timeout=5)
 
-    def reload(self) -> bool:
-        """Fetch the trust bundle and CRL; rebuild the TLS context if they changed."""
+    @property
+    def crl_pem(self) -> bytes:
+        """The CRL the EHR enforces now."""
+        return self._trust_pem[1] if self._trust_pem else b""
+
+    def next_crl_fetch(self) -> float:
+        """Seconds until the EHR fetches the CRL on its own."""
+        return max(0.0, self._crl_fetched + self.crl_refresh - time.monotonic())
+
+    def refresh_crl(self) -> bool:
+        """Fetch the CRL now; True if it changed."""
+        return self.reload(crl=True)
+
+    def reload(self, *, crl: bool = True) -> bool:
+        """Fetch the trust bundle (and the CRL if ``crl``); rebuild the context on a change."""
+        with self._reload_lock:
+            return self._reload(crl)
+
+    def _reload(self, crl: bool) -> bool:
         try:
             pem = self._trust()
         except Exception as e:  # keep serving with the old trust, as a real server would
             logger.warning("EHR: cannot refresh trust: %s", e)
             return False
-        if pem is None or pem == self._trust_pem:
+        if pem is None:
+            return False
+        if crl or self._trust_pem is None:
+            self._crl_fetched = time.monotonic()
+        else:
+            pem = (pem[0], self._trust_pem[1])  # not the CRL's turn: keep the one we have
+        if pem == self._trust_pem:
             return False
         try:
             ctx = self._context(pem)
         except (ssl.SSLError, OSError, ValueError) as e:
             logger.warning("EHR: refused the new trust bundle or CRL, keeping the old: %s", e)
             return False
+        what = "trust bundle and CRL" if self._trust_pem is None else "new trust bundle or CRL"
         self._ctx, self._trust_pem = ctx, pem
-        logger.info("EHR: trust bundle and CRL loaded")
+        logger.info("EHR: %s loaded", what)
         return True
 
     def _context(self, pem: tuple[bytes, bytes]) -> ssl.SSLContext:
@@ -294,7 +324,7 @@ class MockEHR:
 
     def _poll_trust(self) -> None:
         while not self._stop.wait(self._refresh):
-            self.reload()
+            self.reload(crl=time.monotonic() - self._crl_fetched >= self.crl_refresh)
 
     def _accept(self) -> tuple[socket.socket, Any]:
         return self._server.socket.accept()

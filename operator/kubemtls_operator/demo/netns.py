@@ -35,6 +35,17 @@ def available() -> str | None:
     for tool in ("ip", "unshare", "mount"):
         if shutil.which(tool) is None:
             return f"`{tool}` is not installed"
+    # Root in a container may still lack CAP_SYS_ADMIN / CAP_NET_ADMIN: try it in a
+    # throwaway namespace, which touches nothing on the host.
+    probe = subprocess.run(
+        ["unshare", "--net", "--mount", "ip", "link", "add", "kmtprobe0", "type", "veth",
+         "peer", "name", "kmtprobe1"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if probe.returncode != 0:
+        return f"cannot create network namespaces here ({probe.stderr.strip()[:80]})"
+    if not os.access(ETC_NETNS if ETC_NETNS.is_dir() else ETC_NETNS.parent, os.W_OK):
+        return f"{ETC_NETNS} is not writable"
     return None
 
 

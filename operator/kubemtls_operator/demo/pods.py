@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import os
 import pathlib
 import re
@@ -141,7 +142,7 @@ class PodRunner:
                 raise RuntimeError(f"pod {self.name}: volumes {sorted(pending)} never appeared")
             if pending:
                 time.sleep(0.2)
-        self._report_running()
+        self.pod.setdefault("status", {}).update(podIP=self.ip, hostIP="127.0.0.1")
         self._thread = threading.Thread(target=self._refresh_loop, daemon=True, name=self.name)
         self._thread.start()
         spec = self.pod["spec"]
@@ -154,6 +155,7 @@ class PodRunner:
                 self._wait_exit(c["name"], deadline)
         for c in spec.get("containers", []):
             self._launch(c)
+        self._report_running()
 
     def stop(self) -> None:
         self._stop.set()
@@ -280,12 +282,25 @@ class PodRunner:
     # --- kubelet duties -----------------------------------------------------------------------
 
     def _report_running(self) -> None:
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+        def statuses(key: str) -> list[JSON]:
+            return [
+                {"name": c["name"], "image": c.get("image", ""), "ready": True,
+                 "started": True, "restartCount": 0, "state": {"running": {"startedAt": now}}}
+                for c in self.pod["spec"].get(key, [])
+                if c["name"] in self.containers
+            ]  # fmt: skip
+
         status = {
             "phase": "Running",
             "podIP": self.ip,
             "podIPs": [{"ip": self.ip}],
             "hostIP": "127.0.0.1",
-            "conditions": [{"type": "Ready", "status": "True"}],
+            "startTime": now,
+            "conditions": [{"type": t, "status": "True"} for t in ("Ready", "ContainersReady")],
+            "initContainerStatuses": statuses("initContainers"),
+            "containerStatuses": statuses("containers"),
         }
         meta = self.pod["metadata"]
         path = kubeapi.pod_path(meta["namespace"], meta["name"]) + "/status"

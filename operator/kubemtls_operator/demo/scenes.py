@@ -8,26 +8,23 @@ or the TLS alert it sent), the MTLSCert objects and the CRL the operator publish
 from __future__ import annotations
 
 import json
-import pathlib
-import ssl
+import re
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.x509.oid import NameOID
 from kubemtls_sidecar import certs, contract
 
-from kubemtls_operator import pki
-from kubemtls_operator.demo import kubeapi, pods, report, stage, table
+from kubemtls_operator.demo import fileid, kubeapi, report, stage, table
 
 __all__ = ["NAMES", "AppLog", "crl_lists", "play"]
 
 JSON = dict[str, Any]
-NAMES = ("mtlscerts", "request", "no-sidecar", "file-identity", "renewal", "revocation")
+NAMES = (
+    "mtlscerts", "request", "no-sidecar", "peer-api", "file-identity", "renewal", "revocation",
+)  # fmt: skip
 REVOKE_REASON = "keyCompromise"
 
 
@@ -160,12 +157,43 @@ def scene_no_sidecar(n: report.Narrator, st: stage.Stage, app: AppLog) -> report
     refusals = [e for e in st.ehr.events if e.at >= mark and not e.ok]
     alert = refusals[0].alert if refusals else ""
     ok = not answer.get("ok") and alert == "certificate_required"
-    seen = answer.get("reason") or answer.get("error", "")
+    seen = str(answer.get("error", ""))
+    match = re.search(r"\] (.*?) \(_ssl", seen)  # "[SSL: X] tlsv13 alert ... (_ssl.c:N)"
+    seen = match.group(1) if match else seen
     return report.Scene(
         "no-sidecar", "pass" if ok else "fail",
         f"the same pod calling {url} directly (no sidecar, no client cert) → refused: "
         f"the EHR sent TLS alert {alert or '(none)'} (client saw {seen})",
         {"alert": alert, "client": seen},
+    )  # fmt: skip
+
+
+def _xfcc_uri(xfcc: str) -> str:
+    match = re.search(r"URI=[^;,]+", xfcc)
+    return match.group(0) if match else "(none)"
+
+
+def scene_peer_api(n: report.Narrator, st: stage.Stage, app: AppLog) -> report.Scene:
+    runner = st.pods["peer-api"]
+    url = f"https://{runner.ip}:{runner.remap.ports.get(8443, 8443)}/"
+    ident = fileid.issue(st)
+    answer = fileid.mesh_get(st, ident, url)
+    refused = fileid.mesh_get(st, None, url)
+    client = str((answer.get("body") or {}).get("client", ""))
+    ok = (
+        answer.get("status") == 200
+        and answer.get("server") == spiffe("peer-api")
+        and f"URI={ident.spiffe_id}" in client
+        and not refused.get("ok")
+        and refused.get("alert") == "certificate_required"
+    )
+    return report.Scene(
+        "peer-api", "pass" if ok else "fail",
+        f"a mesh client ({ident.spiffe_id}) → {url} (server {answer.get('server') or '?'}) → "
+        f"its app on 127.0.0.1:8080 got X-Forwarded-Client-Cert: …{_xfcc_uri(client)}; "
+        f"without a client certificate → alert {refused.get('alert') or refused.get('error')}",
+        {"server": answer.get("server"), "xfcc": client, "alert": refused.get("alert"),
+         "answer": answer, "refused": refused},
     )  # fmt: skip
 
 
@@ -196,47 +224,57 @@ def scene_renewal(n: report.Narrator, st: stage.Stage, app: AppLog) -> report.Sc
 
 
 def scene_revocation(n: report.Narrator, st: stage.Stage, app: AppLog) -> report.Scene:
+    assert st.ehr is not None
     start = len(app.poll())
     first = app.last_ok()
     if first is None:
         return report.Scene("revocation", "skip", "the app has no successful request")
     revoked = str(first["serial"])
-    n.say("revoke", f"$ kubectl annotate mtlscert ehr-client {contract.ANN_REVOKE}="
-          f"{REVOKE_REASON}   (serial {_short(revoked)})")  # fmt: skip
-    mark, mark_wall = time.monotonic(), time.time()
+    st.ehr.refresh_crl()  # the EHR's own schedule starts now: next fetch in EHR_CRL_REFRESH
+    n.say(
+        "revoke",
+        f"$ kubectl annotate mtlscert ehr-client {contract.ANN_REVOKE}="
+        f"{REVOKE_REASON}   (serial {_short(revoked)}; the sidecar hears of it from the "
+        f"operator within 30s, the EHR fetches its CRL every {stage.EHR_CRL_REFRESH:.0f}s)",
+    )
+    mark_wall = time.time()
     _revoke(st, "ehr-client")
     changed = app.wait(lambda x: bool(x.get("ok")) and x.get("serial") != revoked, 60, start)
     recorded = _until(lambda: revoked in _revoked_serials(st, "ehr-client"), 10)
-    trust = st.trust_pem()
-    listed = trust is not None and crl_lists(trust[1], revoked)
+    published = _until(lambda: _published(st, revoked), 10)
     if changed is None:
         return report.Scene(
             "revocation",
             "fail",
             f"ehr-client did not re-key within 60s "
-            f"(recorded in status: {bool(recorded)}, in CRL: {listed})",
+            f"(recorded in status: {bool(recorded)}, in the CRL: {published})",
         )
-    time.sleep(1.0)
+    rekeyed = float(changed["t"]) - mark_wall
+    before_ehr = st.ehr.next_crl_fetch() > 0
+    st.ehr.refresh_crl()  # now the EHR refuses the revoked serial too
+    enforced = crl_lists(st.ehr.crl_pem, revoked)
+    time.sleep(1.0)  # and the app goes on with its new certificate
     window = app.poll()[start:]
     failed = [x for x in window if not x.get("ok")]
-    rekeyed = float(changed["t"]) - mark_wall
-    assert st.ehr is not None
-    refusals = [e.at - mark for e in st.ehr.events if e.at >= mark and not e.ok]
-    timing = f"re-keyed after {rekeyed:.1f}s"
-    if refusals:
-        timing += f"; the EHR enforced the new CRL after {refusals[0]:.1f}s"
-    ok = not failed and bool(recorded) and listed
+    ok = not failed and bool(recorded) and enforced and before_ehr
     return report.Scene(
         "revocation", "pass" if ok else "fail",
-        f"{_short(revoked)} revoked ({REVOKE_REASON}, in the CRL: {listed}) → the sidecar "
-        f"re-keyed to {_short(str(changed['serial']))} ({timing}): {len(window)} requests, "
-        f"{len(failed)} failed",
-        {"revoked": revoked, "after": changed["serial"], "in_crl": listed,
+        f"{_short(revoked)} revoked → the sidecar re-keyed to "
+        f"{_short(str(changed['serial']))} after {rekeyed:.1f}s"
+        f"{'' if before_ehr else ' (AFTER the EHR fetched the CRL)'}; the EHR's CRL now "
+        f"{'lists' if enforced else 'does NOT list'} {_short(revoked)}: "
+        f"{len(window)} requests, {len(failed)} failed",
+        {"revoked": revoked, "after": changed["serial"], "in_crl": enforced,
          "recorded": bool(recorded), "requests": len(window), "failed": len(failed),
-         "rekey_seconds": round(rekeyed, 2),
-         "ehr_enforced_seconds": round(refusals[0], 2) if refusals else None,
+         "rekey_seconds": round(rekeyed, 2), "before_ehr_crl_fetch": before_ehr,
          "errors": [x.get("error") for x in failed[:3]]},
     )  # fmt: skip
+
+
+def _published(st: stage.Stage, serial: str) -> bool:
+    """Whether the trust ConfigMap's CRL lists this serial yet."""
+    trust = st.trust_pem()
+    return trust is not None and crl_lists(trust[1], serial)
 
 
 def _revoked_serials(st: stage.Stage, name: str) -> list[str]:
@@ -246,7 +284,7 @@ def _revoked_serials(st: stage.Stage, name: str) -> list[str]:
 
 def scene_file_identity(n: report.Narrator, st: stage.Stage, app: AppLog) -> report.Scene:
     assert st.ehr is not None
-    serial, get = _start_file_sidecar(st)
+    serial, get = fileid.start_sidecar(st, fileid.issue(st))
     before = get()
     if not before.get("ok"):
         return report.Scene(
@@ -257,6 +295,11 @@ def scene_file_identity(n: report.Narrator, st: stage.Stage, app: AppLog) -> rep
           f"{contract.ANN_REVOKE}={REVOKE_REASON}")  # fmt: skip
     mark = time.monotonic()
     _revoke(st, "batch-export")
+    published = _until(lambda: _published(st, serial), 15)
+    st.ehr.refresh_crl()
+    n.say("crl", f"the operator published the new CRL in {contract.TRUST_CONFIGMAP} "
+          f"({'listing' if published else 'NOT listing'} {_short(serial)}); the EHR pulls it "
+          f"now (it fetches its CRL every {stage.EHR_CRL_REFRESH:.0f}s, or when told)")  # fmt: skip
 
     def refused() -> str:
         if get().get("ok"):
@@ -274,78 +317,8 @@ def scene_file_identity(n: report.Narrator, st: stage.Stage, app: AppLog) -> rep
     )  # fmt: skip
 
 
-def _start_file_sidecar(st: stage.Stage) -> tuple[str, Callable[[], JSON]]:
-    """Issue batch-export's certificate into files and run ``kubemtls-sidecar --cert-dir``."""
-    assert st.ehr is not None
-    pod = st.api.get(kubeapi.pod_path(stage.NAMESPACE, "batch-export"))
-    body = {"spec": {"audiences": [contract.TOKEN_AUDIENCE], "expirationSeconds": 600,
-                     "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": "batch-export",
-                                        "uid": pod["metadata"]["uid"]}}}  # fmt: skip
-    sa_path = f"/api/v1/namespaces/{stage.NAMESPACE}/serviceaccounts/batch-export/token"
-    token = st.api.create(sa_path, body)["status"]["token"]
-    key = pki.generate_key("ecdsa-p256")
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "batch-export")]))
-        .sign(key, hashes.SHA256())
-    )
-    ca = st.cluster.ca_pem() or b""
-    req = urllib.request.Request(  # noqa: S310 (the operator's signing API)
-        st.cluster.signer_url + "/v1/certificates", method="POST",
-        data=json.dumps({"csr": csr.public_bytes(serialization.Encoding.PEM).decode()}).encode(),
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-    )  # fmt: skip
-    ctx = ssl.create_default_context(cadata=ca.decode())
-    with urllib.request.urlopen(req, context=ctx, timeout=10) as rsp:  # noqa: S310
-        issued = json.loads(rsp.read())
-    d = st.workdir / "batch-export"
-    (d / "certs").mkdir(parents=True, exist_ok=True)
-    (d / "trust").mkdir(exist_ok=True)
-    (d / "certs" / "tls.crt").write_text(issued["certificateChain"])
-    (d / "certs" / "tls.key").touch(0o600)
-    (d / "certs" / "tls.key").write_bytes(pki.key_pem(key))
-    (d / "trust" / "ca.crt").write_text(issued["trustBundle"])
-    (d / "trust" / "crl.pem").write_text(issued.get("crl", ""))
-    leaf = certs.load_pem_certificates(issued["certificateChain"].encode())[0]
-    serial = certs.facts(leaf).serial
-
-    net = st.net.add_pod("batch-export") if st.net else None
-    local = 15001 if net else pods.free_port()
-    admin = contract.ADMIN_PORT if net else pods.free_port()
-    upstream = f"{stage.EHR_HOST}:443" if net else f"127.0.0.1:{st.ehr.port}"
-    sidecar = str(_bindir() / "kubemtls-sidecar")
-    argv = [sidecar, "--cert-dir", str(d / "certs"), "--trust-dir", str(d / "trust"),
-            "--outbound", f"{local}={upstream}", "--admin-port", str(admin),
-            "--upstream-ca", str(st.workdir / "ehr" / "partner-ca.crt"),
-            "--reload-interval", "1", "--log-format", "text"]  # fmt: skip
-    env = {"PATH": str(_bindir()) + ":/usr/bin:/bin", "HOME": "/tmp", "PYTHONUNBUFFERED": "1"}  # noqa: S108
-    st.spawn("batch-export-sidecar", argv, env, "batch-export" if net else None)
-    ip = net.ip if net else "127.0.0.1"
-    if not _until(lambda: _http_ok(f"http://{ip}:{admin}/readyz"), 15):
-        raise RuntimeError(
-            "the file-based sidecar did not become ready; see "
-            f"{st.workdir / 'logs' / 'batch-export-sidecar.log'}"
-        )
-    url = f"http://127.0.0.1:{local}/fhir/Patient/123"
-    pod_name = "batch-export" if net else None
-    cmd = [sys.executable, "-m", "kubemtls_operator.demo.apps", "get", url]
-    return serial, lambda: st.in_pod(pod_name, cmd)
-
-
-def _bindir() -> pathlib.Path:
-    return pathlib.Path(sys.executable).parent
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as rsp:  # noqa: S310
-            return bool(rsp.status < 400)
-    except OSError:
-        return False
-
-
-SCENES = (scene_mtlscerts, scene_request, scene_no_sidecar, scene_file_identity,
-          scene_renewal, scene_revocation)  # fmt: skip
+SCENES = (scene_mtlscerts, scene_request, scene_no_sidecar, scene_peer_api,
+          scene_file_identity, scene_renewal, scene_revocation)  # fmt: skip
 
 
 def play(n: report.Narrator, st: stage.Stage) -> None:

@@ -60,7 +60,10 @@ def run(options: Options, out: TextIO = sys.stdout) -> report.Result:
         else:
             scenes.skip_all(n, "the stage did not come up (see the FAIL line above)")
         if options.keep_running:
-            _wait_for_ctrl_c(n, st)
+            try:
+                _wait_for_ctrl_c(n, st)
+            except KeyboardInterrupt:
+                n.say("demo", "Ctrl-C: cleaning up")  # the expected way to end it
     except KeyboardInterrupt:
         n.say("demo", "interrupted: cleaning up")
         result.scenes.append(report.Scene("interrupted", "fail", "stopped by Ctrl-C"))

@@ -32,6 +32,9 @@ __all__ = ["EHR_HOST", "NAMESPACE", "Stage", "live_processes", "manifest"]
 EHR_HOST = "fhir.ehr.example.org"
 NAMESPACE = "clinic"
 PARTNER_CA_CONFIGMAP = "ehr-partner-ca"
+#: How often the EHR fetches the cluster's CRL by itself. Relying parties cache CRLs (often
+#: for hours); a sidecar learns of its own revocation from the operator within 30 s.
+EHR_CRL_REFRESH = 60.0
 JSON = dict[str, Any]
 
 
@@ -78,6 +81,7 @@ class Stage:
         self.partner_ca: pki.CA | None = None
         self.pods: dict[str, pods.PodRunner] = {}
         self.applied: dict[str, JSON] = {}  # pod name -> the pod as the API stored it
+        self.notes: dict[str, Any] = {}  # what scenes share (e.g. the file-based identity)
         self.extra: dict[str, subprocess.Popen[bytes]] = {}
         self._log_handler: logging.Handler | None = None
 
@@ -124,7 +128,7 @@ class Stage:
         port = 443 if self.net else pods.free_port()
         self.ehr = ehr.MockEHR(
             host=self.host_ip, port=port, cert_file=d / "tls.crt", key_file=d / "tls.key",
-            trust=self.trust_pem,
+            trust=self.trust_pem, crl_refresh=EHR_CRL_REFRESH,
         )  # fmt: skip
         self.ehr.start()
 

@@ -22,7 +22,9 @@ R = naming.Reason
 
 
 @kopf.index(naming.CRD_API_VERSION.split("/")[0], contract.CRD_VERSION, contract.CRD_PLURAL)
-def mtlscert_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
+async def mtlscert_index(
+    body: kopf.Body, namespace: str | None, name: str, **_: Any
+) -> dict[Any, Any]:
     return {(namespace or "", name): sweeper.CertRecord.from_body(body)}
 
 
@@ -52,33 +54,29 @@ async def mtlscert_revoke(
     elif not serial:
         kopf.warn(body, reason=R.NOTHING_TO_REVOKE, message="no certificate has been issued yet")
     else:
-        auth = rt.cas.authority
-        if auth is None:
-            raise kopf.TemporaryError("no CA loaded yet", delay=5)
-        now = datetime.datetime.now(datetime.UTC)
-        not_after = revocation.parse_time(st.get("notAfter")) or now
-        entry = revocation.Revocation(
-            serial,
-            reason,
-            now,
-            not_after,
-            auth.fingerprint_of_issuer(st.get("issuer", "")),
-            f"{ns}/{name}",
-        )
-        await rt.cas.revoke(entry)
-        await rt.client.update_mtlscert_status(
-            ns, name, lambda obj: _revoked_status(obj, serial, reason, now, rt)
-        )
-        metrics.REVOKED.labels(reason).inc()
-        kopf.info(
-            body,
-            reason=R.REVOKED,
-            message=f"serial {serial} revoked ({reason}); the sidecar re-keys",
-        )
+        await _revoke(rt, body, serial, reason)
         logger.info(f"revoked serial {serial} ({reason})")
     await rt.client.merge_patch(
         naming.mtlscerts_path(ns, name), {"metadata": {"annotations": {contract.ANN_REVOKE: None}}}
     )
+
+
+async def _revoke(rt: Any, body: kopf.Body, serial: str, reason: str) -> None:
+    """State + CRL + trust ConfigMaps (``ca.Manager.revoke``), then the MTLSCert's status."""
+    if rt.cas.authority is None:
+        raise kopf.TemporaryError("no CA loaded yet", delay=5)
+    ns, name, st = body["metadata"]["namespace"], body["metadata"]["name"], body["status"]
+    now = datetime.datetime.now(datetime.UTC)
+    issuer = rt.cas.authority.fingerprint_of_issuer(st.get("issuer", ""))
+    not_after = revocation.parse_time(st.get("notAfter")) or now
+    entry = revocation.Revocation(serial, reason, now, not_after, issuer, f"{ns}/{name}")
+    await rt.cas.revoke(entry)
+    await rt.client.update_mtlscert_status(
+        ns, name, lambda obj: _revoked_status(obj, serial, reason, now, rt)
+    )
+    metrics.REVOKED.labels(reason).inc()
+    message = f"serial {serial} revoked ({reason}); the sidecar re-keys"
+    kopf.info(body, reason=R.REVOKED, message=message)
 
 
 def _revoked_status(

@@ -40,6 +40,9 @@ async def operator_startup(
     settings.peering.priority = random.randint(1, 2**31)  # noqa: S311 - not a secret
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
+    # Bursts of pods: bound the per-object workers kopf keeps (memory), and let idle ones go.
+    settings.queueing.worker_limit = 256
+    settings.queueing.idle_timeout = 1.0
     client = kube.Client.from_login(settings)
     rt = await wiring.start(
         cfg, pods=kwargs["pod_index"], certs=kwargs["mtlscert_index"], client=client

@@ -22,7 +22,7 @@ def _opted_in(annotations: kopf.Annotations, labels: kopf.Labels, **_: Any) -> b
 
 
 @kopf.index("v1", "pods", when=_opted_in)
-def pod_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
+async def pod_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
     """(namespace, name) → PodFacts: what the signing API checks a token's pod against."""
     return {(namespace or "", name): workload.facts(body)}
 
@@ -48,7 +48,10 @@ async def pod_event(
     """Create the pod's MTLSCert (once per pod UID) with its Injected condition."""
     rt = memo.runtime
     pod = workload.facts(body)
-    if type == "DELETED" or pod.deleting or not pod.uid or pod.uid in rt.seen:
+    if type == "DELETED":
+        rt.forget(pod)
+        return
+    if pod.deleting or not pod.uid or pod.uid in rt.seen:
         return
     await rt.publisher.ensure(pod.namespace)
     cert, _ = await rt.client.create_or_get(
