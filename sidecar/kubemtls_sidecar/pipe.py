@@ -98,6 +98,13 @@ class Endpoint(asyncio.Protocol):
         self.bytes_out += len(data)
         self.transport.write(data)
 
+    def writelines(self, chunks: list[bytes]) -> None:
+        """Send several chunks at once (a vectored write: no join copy)."""
+        if self.write_closed or self.transport is None:
+            return
+        self.bytes_out += sum(map(len, chunks))
+        self.transport.writelines(chunks)
+
     def write_eof(self) -> None:
         """End our direction (TCP FIN), keeping the other open."""
         if self.write_closed or self.transport is None:
@@ -169,6 +176,14 @@ class Endpoint(asyncio.Protocol):
         if len(self._rbuf) >= _BUFFER_LIMIT and self.transport and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()
+
+    def _deliver_many(self, chunks: list[bytes]) -> None:
+        p = self.partner
+        if p is not None:
+            self.bytes_in += sum(map(len, chunks))
+            p.writelines(chunks)
+        else:
+            self._deliver(b"".join(chunks))
 
     def _deliver_eof(self) -> None:
         if self.read_closed:

@@ -214,21 +214,34 @@ class TlsEndpoint(pipe.Endpoint):
             self.abort()
             return
         if chunks:
-            self._deliver(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            if len(chunks) == 1:
+                self._deliver(chunks[0])
+            else:
+                self._deliver_many(chunks)
         if self._outgoing.pending:
             self._flush()  # e.g. a KeyUpdate answer
         if eof:
             self._deliver_eof()
 
-    def write(self, data: bytes) -> None:
-        if self.write_closed or self.transport is None or not self.established:
-            return
+    def _encrypt(self, data: bytes) -> None:
         self.bytes_out += len(data)
         n = self.ssl.write(data)  # a memory BIO takes it all at once
         if n < len(data):
             view = memoryview(data)[n:]
             while view:
                 view = view[self.ssl.write(view) :]
+
+    def write(self, data: bytes) -> None:
+        if self.write_closed or self.transport is None or not self.established:
+            return
+        self._encrypt(data)
+        self.transport.write(self._outgoing.read())
+
+    def writelines(self, chunks: list[bytes]) -> None:
+        if self.write_closed or self.transport is None or not self.established:
+            return
+        for data in chunks:
+            self._encrypt(data)
         self.transport.write(self._outgoing.read())
 
     def write_eof(self) -> None:

@@ -8,6 +8,7 @@ import pathlib
 import ssl
 
 import pytest
+import testkit
 from cryptography.hazmat.primitives.asymmetric import rsa
 from dataplane import (
     Files,
@@ -20,7 +21,7 @@ from dataplane import (
     running_sidecar,
     s_client,
 )
-from testkit import TestPKI, eventually
+from testkit import eventually
 
 REFUSED = "TLS handshake refused"
 
@@ -62,7 +63,7 @@ async def test_tls12_client_gets_aead_forward_secret_cipher(inbound, files: File
     writer.close()
 
 
-def _expired(pki_: TestPKI, now: datetime.datetime):
+def _expired(pki_: testkit.TestPKI, now: datetime.datetime):
     return raw_leaf(
         pki_.ca,
         not_before=now - datetime.timedelta(days=2),
@@ -70,7 +71,7 @@ def _expired(pki_: TestPKI, now: datetime.datetime):
     )
 
 
-def _not_yet_valid(pki_: TestPKI, now: datetime.datetime):
+def _not_yet_valid(pki_: testkit.TestPKI, now: datetime.datetime):
     return raw_leaf(
         pki_.ca,
         not_before=now + datetime.timedelta(days=1),
@@ -78,7 +79,7 @@ def _not_yet_valid(pki_: TestPKI, now: datetime.datetime):
     )
 
 
-def _rsa1024(pki_: TestPKI, now: datetime.datetime):
+def _rsa1024(pki_: testkit.TestPKI, now: datetime.datetime):
     key = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505 - must be refused
     return raw_leaf(
         pki_.ca,
@@ -88,7 +89,7 @@ def _rsa1024(pki_: TestPKI, now: datetime.datetime):
     )
 
 
-def _self_signed(pki_: TestPKI, now: datetime.datetime):
+def _self_signed(pki_: testkit.TestPKI, now: datetime.datetime):
     return raw_leaf(
         None,
         not_before=now - datetime.timedelta(hours=1),
@@ -130,7 +131,7 @@ CASES = [
 async def test_refused_client_gets_the_alert_and_one_log_line(
     inbound,
     files: Files,
-    other_pki: TestPKI,
+    other_pki: testkit.TestPKI,
     tmp_path: pathlib.Path,
     caplog,
     now,
@@ -247,7 +248,7 @@ async def test_intermediate_only_trust_bundle_verifies_peers(sidecar_args, echo_
     inter = pki.issue_intermediate_ca(
         root, now=utcnow(), common_name="intermediate", lifetime=datetime.timedelta(days=30)
     )
-    ipki = TestPKI(ca=inter)
+    ipki = testkit.TestPKI(ca=inter)
     cert_dir = ipki.leaf("app", "server").write(tmp_path / "ic")
     trust = tmp_path / "itrust"
     trust.mkdir()

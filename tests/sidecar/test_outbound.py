@@ -10,9 +10,10 @@ import ssl
 from collections.abc import AsyncIterator
 
 import pytest
+import testkit
 from dataplane import Files, free_port, log_fields, raw_leaf, running_sidecar
 from kubemtls_sidecar import certs
-from testkit import Leaf, TestPKI, eventually
+from testkit import Leaf, eventually
 
 FAILED = "upstream TLS handshake failed; closing the app's connection"
 
@@ -76,7 +77,7 @@ async def test_upstream_sees_our_identity(sidecar_args, files: Files, tmp_path):
     assert 'kubemtls_sidecar_connections_total{direction="outbound",result="ok"} 1.0' in m
 
 
-def _expired(p: TestPKI) -> Leaf:
+def _expired(p: testkit.TestPKI) -> Leaf:
     now = datetime.datetime.now(datetime.UTC)
     return raw_leaf(
         p.ca,
@@ -94,7 +95,7 @@ def _expired(p: TestPKI) -> Leaf:
     ],
 )
 async def test_refused_upstream_closes_the_app_connection(
-    sidecar_args, files: Files, other_pki: TestPKI, tmp_path, caplog, case, alert
+    sidecar_args, files: Files, other_pki: testkit.TestPKI, tmp_path, caplog, case, alert
 ):
     if case == "wrong-hostname":
         up = files.pki.leaf("ehr", "fhir", dns_names=("fhir.other.example",), ip_addresses=())
@@ -117,7 +118,7 @@ async def test_refused_upstream_closes_the_app_connection(
 
 
 async def test_upstream_refusing_our_certificate_is_logged_with_its_alert(
-    sidecar_args, files: Files, other_pki: TestPKI, tmp_path, caplog
+    sidecar_args, files: Files, other_pki: testkit.TestPKI, tmp_path, caplog
 ):
     """openssl s_server (asyncio's own TLS server sends no alert: CPython issue 98078)."""
     d = files.pki.leaf("ehr", "fhir").write(tmp_path / "s_server")
@@ -153,7 +154,7 @@ def _listening(port: int) -> bool:
 
 
 async def test_upstream_ca_replaces_mesh_trust_for_outbound(
-    sidecar_args, files: Files, other_pki: TestPKI, tmp_path
+    sidecar_args, files: Files, other_pki: testkit.TestPKI, tmp_path
 ):
     """An EHR with its own CA: trusted through --upstream-ca, where the mesh CRL never applies."""
     up = other_pki.leaf("ehr", "fhir")
