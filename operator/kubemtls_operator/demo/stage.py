@@ -16,7 +16,6 @@ import pathlib
 import secrets
 import shutil
 import subprocess
-import sys
 import tempfile
 from importlib import resources
 from typing import Any
@@ -215,9 +214,6 @@ class Stage:
                 [*prefix, *argv], env=env, stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip
-
-    def python(self) -> str:
-        return sys.executable
 
     def pids(self) -> list[int]:
         """Every process this stage started (each leads its own process group)."""
