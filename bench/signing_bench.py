@@ -71,8 +71,9 @@ def rss_mib(pid: int) -> float:
 
 
 class Cluster:
-    def __init__(self, tmp: pathlib.Path) -> None:
+    def __init__(self, tmp: pathlib.Path, check_interval: float) -> None:
         self.tmp = tmp
+        self.check_interval = check_interval
         self.procs: list[subprocess.Popen[bytes]] = []
         self.url = ""
         self.signer = ""
@@ -114,7 +115,7 @@ class Cluster:
         settings = {
             "NAMESPACE": "kubemtls",
             "BIND_ADDRESS": "127.0.0.1",
-            "CHECK_INTERVAL": "60s",
+            "CHECK_INTERVAL": f"{self.check_interval}s",
             "SIGNER_URL": f"https://127.0.0.1:{ports['SIGNER_PORT']}",
             **{k: str(v) for k, v in ports.items()},
         }
@@ -205,10 +206,11 @@ async def trust_ctx(s: aiohttp.ClientSession, base: str) -> ssl.SSLContext:
 
 
 async def throughput(
-    cl: Cluster, s: aiohttp.ClientSession, clients: int, seconds: float
+    cl: Cluster, s: aiohttp.ClientSession, clients: int, seconds: float, rate: float = 0.0
 ) -> dict[str, Any]:
+    """Closed loop (each client asks again at once) or, with ``rate``, paced in total."""
     tokens = await asyncio.gather(
-        *(create_pod_and_token(s, cl.url, f"tp-{i}") for i in range(clients))
+        *(create_pod_and_token(s, cl.url, f"tp{int(rate)}-{i}") for i in range(clients))
     )
     ctx = await trust_ctx(s, cl.url)
     csrs = [json.dumps({"csr": csr_pem()}).encode() for _ in range(clients)]
@@ -219,7 +221,12 @@ async def throughput(
         conn = aiohttp.TCPConnector(ssl=ctx, limit=1)
         async with aiohttp.ClientSession(connector=conn) as cs:
             headers = {"Authorization": f"Bearer {tokens[i]}", "Content-Type": "application/json"}
+            gap = clients / rate if rate > 0 else 0.0
+            next_at = time.perf_counter() + random.random() * gap
             while time.perf_counter() < stop_at:
+                if gap:
+                    await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+                    next_at += gap
                 t = time.perf_counter()
                 async with cs.post(
                     cl.signer + "/v1/certificates", data=csrs[i], headers=headers
@@ -242,6 +249,7 @@ async def throughput(
     q = statistics.quantiles(lat, n=100) if len(lat) > 100 else [float("nan")] * 99
     return {
         "clients": clients,
+        "offered_rate": rate or "closed loop",
         "seconds": round(elapsed, 2),
         "issued": len(lat),
         "certs_per_s": round(len(lat) / elapsed, 1),
@@ -327,7 +335,7 @@ async def rss(cl: Cluster, s: aiohttp.ClientSession, n: int) -> dict[str, Any]:
         if count >= n or time.perf_counter() - t0 > 900:
             break
         await asyncio.sleep(1.0)
-    await asyncio.sleep(3)
+    await asyncio.sleep(cl.check_interval + 2)  # one sweep after the burst (it trims the heap)
     return {
         "mtlscerts": count + 0,
         "total_mtlscerts": len(items),
@@ -339,7 +347,7 @@ async def rss(cl: Cluster, s: aiohttp.ClientSession, n: int) -> dict[str, Any]:
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        cl = Cluster(pathlib.Path(tmp))
+        cl = Cluster(pathlib.Path(tmp), args.check_interval)
         cl.start()
         try:
             conn = aiohttp.TCPConnector(limit=128)
@@ -349,6 +357,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 if args.seconds > 0:
                     out["throughput"] = await throughput(cl, s, args.clients, args.seconds)
                     print(json.dumps(out["throughput"]), flush=True)
+                    if args.rate > 0:
+                        out["paced"] = await throughput(
+                            cl, s, args.clients, args.seconds, args.rate
+                        )
+                        print(json.dumps(out["paced"]), flush=True)
                 if args.pods > 0:
                     out["burst"] = await burst(cl, s, args.pods)
                     print(json.dumps(out["burst"]), flush=True)
@@ -366,8 +379,10 @@ def main() -> None:
     )
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--rate", type=float, default=200.0, help="also a paced run (certs/s)")
     ap.add_argument("--pods", type=int, default=1000)
     ap.add_argument("--rss-certs", type=int, default=10000)
+    ap.add_argument("--check-interval", type=float, default=10.0, help="the operator's sweep")
     args = ap.parse_args()
     out = asyncio.run(main_async(args))
     print(json.dumps(out, indent=1))

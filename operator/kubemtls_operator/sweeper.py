@@ -10,6 +10,8 @@ replicas sweeping, write nothing new); a change worth a warning posts an Event o
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import dataclasses
 import datetime
 import logging
@@ -129,3 +131,10 @@ class Sweeper:
                 await self.sweep()
             except Exception:
                 logger.exception("the MTLSCert sweep crashed; again in %.1fs", interval)
+            _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Give freed heap back to the OS after bursts (glibc keeps it otherwise)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

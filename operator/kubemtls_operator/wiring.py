@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import datetime
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
@@ -173,6 +173,3 @@ async def start(cfg: config.Config, *, pods: Any, certs: Any, client: kube.Clien
     rt.tasks.append(asyncio.create_task(manager.run(interval), name="kubemtls CA"))
     rt.tasks.append(asyncio.create_task(rt.checker.run(interval), name="kubemtls sweep"))
     return rt
-
-
-_: Callable[..., Any] = start

@@ -3,8 +3,10 @@
 Order matters: everything is validated and the first material loaded before any socket
 is bound (a bad file is a one-line exit 2, never a half-started proxy). Listeners come
 from ``LISTENERS``, a table of builders each returning the sockets one mode needs, so
-transparent mode adds its capture ports with one entry. SIGTERM stops accepting, drains
-open connections up to ``--drain-timeout``, then exits 0; SIGHUP re-reads the files.
+transparent mode adds its capture ports with one entry. SIGTERM (or ``POST /quitquitquit``
+on the admin port, from a container of the pod: how a Job's app ends a sidecar that is not
+native) stops accepting, drains open connections up to ``--drain-timeout``, then exits 0;
+SIGHUP re-reads the files.
 """
 
 from __future__ import annotations
@@ -164,6 +166,14 @@ async def serve(s: Sidecar, stop: asyncio.Event) -> int:
                 f"{spec.name}: cannot listen on {spec.host}:{spec.port}: {e.strerror or e}"
             ) from None
         s.servers.append(server)
+
+    async def quit_route(target: str) -> admin.Response:
+        if not stop.is_set():
+            logs.event(logger, logging.INFO, "stop requested on /quitquitquit")
+            stop.set()
+        return 200, "text/plain", b"draining\n"
+
+    s.admin.add_route("/quitquitquit", quit_route, method="POST", loopback_only=True)
     try:
         await s.admin.start(cfg.admin_address, cfg.admin_port)
     except OSError as e:

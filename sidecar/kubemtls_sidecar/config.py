@@ -1,25 +1,25 @@
 """The sidecar's settings: flags and ``KUBEMTLS_*`` environment → one frozen ``Config``.
 
-This is the only module that reads ``os.environ`` (STYLE.md convention 10). Every flag of
-DESIGN.md is here, in one block (ghostunnel's ``main.go``), each with help text, a shown
-default and its environment variable (``contract.env_name``; a repeatable flag's variable
-is a comma-joined list). ``parse()`` validates everything that can be checked without a
-socket and raises ``ConfigError`` with one line that names the flag and says why; the
-caller prints it and exits 2. It binds nothing and loads no key.
+This is the only module that reads ``os.environ`` (STYLE.md convention 10). The flags
+themselves (help, defaults, environment names) are in ``flags``; this module turns their
+raw strings into typed values. ``parse()`` validates everything that can be checked
+without a socket and raises ``ConfigError`` with one line that names the flag and says
+why; the caller prints it and exits 2. It binds nothing and loads no key.
+``wait_ready()`` reads only what ``--wait-ready`` needs, so the postStart hook works
+whatever else is (or is not yet) in place.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import ipaddress
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
 
-from kubemtls_sidecar import contract, errors
+from kubemtls_sidecar import contract, errors, flags
 
-__all__ = ["Config", "Inbound", "Outbound", "build_parser", "parse"]
+__all__ = ["Config", "Inbound", "Outbound", "WaitReady", "parse", "wait_ready"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,246 +77,6 @@ class Config:
     inbound_capture_port: int = contract.INBOUND_CAPTURE_PORT
     outbound_capture_port: int = contract.OUTBOUND_CAPTURE_PORT
     app_probes: str | None = None  # JSON from the webhook (appprobes.parse validates it)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Flag:
-    name: str
-    help: str
-    default: str | None = None  # as a string, the form the environment uses
-    repeatable: bool = False
-    boolean: bool = False
-    metavar: str | None = None
-    choices: tuple[str, ...] | None = None
-
-
-_FLAGS: tuple[_Flag, ...] = (
-    _Flag(
-        "--signer",
-        "URL of the operator's signing API: get and renew the certificate "
-        "from it (key generated and kept in memory)",
-        metavar="URL",
-    ),
-    _Flag(
-        "--token-file",
-        "projected service-account token sent to the signing API",
-        contract.TOKEN_FILE,
-        metavar="FILE",
-    ),
-    _Flag(
-        "--cert-dir",
-        "read tls.crt and tls.key from this directory instead of --signer "
-        "(reloaded when they change)",
-        metavar="DIR",
-    ),
-    _Flag(
-        "--trust-dir",
-        "directory with ca.crt (trust bundle) and crl.pem",
-        contract.TRUST_DIR,
-        metavar="DIR",
-    ),
-    _Flag(
-        "--inbound",
-        "LISTEN_PORT:APP_HOST:APP_PORT: accept mTLS on LISTEN_PORT, forward "
-        "plaintext to APP_HOST:APP_PORT (transparent mode: bare app ports)",
-        repeatable=True,
-        metavar="MAPPING",
-    ),
-    _Flag(
-        "--outbound",
-        "LOCAL_PORT=UPSTREAM_HOST:UPSTREAM_PORT: accept plaintext on "
-        "127.0.0.1:LOCAL_PORT, originate mTLS to the upstream",
-        repeatable=True,
-        metavar="MAPPING",
-    ),
-    _Flag(
-        "--upstream-ca",
-        "CA bundle trusted for outbound upstreams (an EHR's public or "
-        "partner CA) instead of the mesh bundle; the mesh CRL never applies to it",
-        metavar="FILE",
-    ),
-    _Flag(
-        "--allowed-peer",
-        "glob matched against the peer's SPIFFE ID (any peer the CA "
-        "vouches for when none is given)",
-        repeatable=True,
-        metavar="GLOB",
-    ),
-    _Flag(
-        "--protocol",
-        "tcp: a byte stream; http: X-Forwarded-Client-Cert and RFC 8705 checks inbound",
-        "tcp",
-        choices=("tcp", "http"),
-    ),
-    _Flag(
-        "--mode",
-        "explicit ports or iptables redirection",
-        "explicit",
-        choices=("explicit", "transparent"),
-    ),
-    _Flag(
-        "--admin-port",
-        "port of /healthz /readyz /metrics (0: any free port)",
-        str(contract.ADMIN_PORT),
-        metavar="PORT",
-    ),
-    _Flag(
-        "--admin-address",
-        "address the admin server binds (kubelet probes the pod IP)",
-        "0.0.0.0",  # noqa: S104 - kubelet and peers reach the pod IP
-        metavar="ADDR",
-    ),
-    _Flag(
-        "--listen-address",
-        "address the inbound TLS listeners bind",
-        "0.0.0.0",  # noqa: S104
-        metavar="ADDR",
-    ),
-    _Flag(
-        "--tls-min-version",
-        "oldest TLS version accepted or offered (1.3: refuse TLS 1.2 too)",
-        "1.2",
-        choices=("1.2", "1.3"),
-    ),
-    _Flag(
-        "--resolve",
-        "NAME=ADDRESS: dial ADDRESS for an --outbound upstream NAME, still sending and "
-        "verifying NAME (like curl --resolve)",
-        repeatable=True,
-        metavar="NAME=ADDRESS",
-    ),
-    _Flag("--log-format", "json lines or text", "text", choices=("json", "text")),
-    _Flag(
-        "--log-level",
-        "debug, info, warning or error",
-        "info",
-        choices=("debug", "info", "warning", "error"),
-    ),
-    _Flag("--key-type", "key generated for --signer", "ecdsa-p256", choices=contract.KEY_TYPES),
-    _Flag(
-        "--require-bound-token",
-        "http protocol: refuse bearer tokens without an RFC 8705 cnf binding",
-        "false",
-        boolean=True,
-    ),
-    _Flag(
-        "--install-redirects",
-        "install the transparent-mode iptables rules and exit (the kubemtls-init container)",
-        "false",
-        boolean=True,
-    ),
-    _Flag(
-        "--allow-remote-app",
-        "allow an inbound APP_HOST that is not loopback",
-        "false",
-        boolean=True,
-    ),
-    _Flag(
-        "--handshake-timeout",
-        "seconds a peer has to complete the TLS handshake",
-        "10",
-        metavar="SECONDS",
-    ),
-    _Flag(
-        "--idle-timeout",
-        "close a connection idle this many seconds (0: never)",
-        "3600",
-        metavar="SECONDS",
-    ),
-    _Flag(
-        "--drain-timeout",
-        "on SIGTERM, wait this long for open connections",
-        "20",
-        metavar="SECONDS",
-    ),
-    _Flag(
-        "--max-connections", "refuse connections beyond this many open ones", "4096", metavar="N"
-    ),
-    _Flag(
-        "--reload-interval",
-        "seconds between checks of --cert-dir/--trust-dir for changes (SIGHUP reloads at once)",
-        "2",
-        metavar="SECONDS",
-    ),
-    _Flag("--pod-name", "this pod's name (downward API), for logs", metavar="NAME"),
-    _Flag("--pod-namespace", "this pod's namespace (downward API), for logs", metavar="NS"),
-    _Flag(
-        "--trust-poll-interval",
-        "seconds between polls of the signer's /v1/trust (new bundle, CRL, re-key order)",
-        "30",
-        metavar="SECONDS",
-    ),
-    _Flag(
-        "--max-header-bytes",
-        "http protocol: largest request head accepted (431 beyond)",
-        str(64 * 1024),
-        metavar="BYTES",
-    ),
-    _Flag(
-        "--inbound-capture-port",
-        "transparent mode: where redirected inbound connections arrive",
-        str(contract.INBOUND_CAPTURE_PORT),
-        metavar="PORT",
-    ),
-    _Flag(
-        "--outbound-capture-port",
-        "transparent mode: where redirected outbound connections arrive",
-        str(contract.OUTBOUND_CAPTURE_PORT),
-        metavar="PORT",
-    ),
-    _Flag(
-        "--app-probes",
-        "transparent mode: the app's httpGet/tcpSocket probes that the webhook rewrote to "
-        "the admin port (JSON by path; set by the webhook)",
-        metavar="JSON",
-    ),
-)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser; defaults are applied after parsing so env can fill in."""
-    p = argparse.ArgumentParser(
-        prog="kubemtls-sidecar",
-        description="Per-pod mutual TLS proxy: inbound mTLS to the app, outbound mTLS to "
-        "peers and EHR systems. Every flag can also be set by its KUBEMTLS_* variable.",
-    )
-    for f in _FLAGS:
-        env = contract.env_name(f.name)
-        shown = f.default if f.default is not None else "none"
-        extra = f" (repeatable; env {env}, comma-joined)" if f.repeatable else f" (env {env})"
-        text = f"{f.help} [default: {shown}]{extra}"
-        if f.boolean:
-            p.add_argument(f.name, action="store_const", const="true", default=None, help=text)
-        elif f.repeatable:
-            p.add_argument(f.name, action="append", default=None, metavar=f.metavar, help=text)
-        else:
-            p.add_argument(f.name, default=None, metavar=f.metavar, choices=f.choices, help=text)
-    return p
-
-
-def _dest(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
-
-
-def _raw_values(args: argparse.Namespace, env: Mapping[str, str]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for f in _FLAGS:
-        value = getattr(args, _dest(f.name))
-        env_value = env.get(contract.env_name(f.name))
-        if f.repeatable:
-            if value is None:
-                value = [v.strip() for v in (env_value or "").split(",") if v.strip()]
-            else:
-                value = [v.strip() for item in value for v in item.split(",") if v.strip()]
-        else:
-            if value is None:
-                value = env_value if env_value not in (None, "") else f.default
-            if f.choices and value is not None and value not in f.choices:
-                raise errors.ConfigError(
-                    f"{f.name} {value!r}: must be one of {', '.join(f.choices)}"
-                )
-        out[_dest(f.name)] = value
-    return out
 
 
 def _port(flag: str, text: str) -> int:
@@ -407,8 +167,8 @@ def parse(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = Non
         SystemExit: argparse's own usage errors and --help (exit 2 / 0).
     """
     env = os.environ if env is None else env
-    args = build_parser().parse_args(argv)
-    raw = _raw_values(args, env)
+    args = flags.build_parser().parse_args(argv)
+    raw = flags.raw_values(args, env)
 
     def s(name: str) -> str:
         value = raw[name]
@@ -477,6 +237,38 @@ def parse(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = Non
         _check_files(cfg)
         _check_ports(cfg)
     return cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class WaitReady:
+    """``--wait-ready``: where to poll ``/readyz`` and for how long."""
+
+    host: str
+    port: int
+    timeout: float
+
+
+def wait_ready(
+    argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+) -> WaitReady | None:
+    """The ``--wait-ready`` settings, or None when it was not asked for.
+
+    Reads --wait-ready, --wait-ready-timeout, --admin-port and --admin-address only: the
+    hook runs with the sidecar's whole environment and must not fail on the rest.
+
+    Raises:
+        ConfigError: one of those four is wrong.
+        SystemExit: argparse's own usage errors and --help (exit 2 / 0).
+    """
+    env = os.environ if env is None else env
+    args = flags.build_parser().parse_args(argv)
+    if not _bool("--wait-ready", flags.lookup("--wait-ready", args, env) or ""):
+        return None
+    port = _port("--admin-port", flags.lookup("--admin-port", args, env) or "")
+    address = flags.lookup("--admin-address", args, env) or ""
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(address, address)  # noqa: S104
+    timeout = _number("--wait-ready-timeout", flags.lookup("--wait-ready-timeout", args, env) or "")
+    return WaitReady(host=host, port=port, timeout=timeout)
 
 
 def _resolve(text: str) -> tuple[str, str]:

@@ -430,11 +430,10 @@ async def forward(
     active.inc()
     try:
         fwd = HttpForwarder(Peer(peer.der, name=name), HttpSettings.from_config(cfg))
-        await fwd.run(downstream, downstream, upstream, upstream)
+        with m.flow("inbound", downstream):
+            await fwd.run(downstream, downstream, upstream, upstream)
     finally:
         active.dec()
-        m.bytes.labels("inbound", "rx").inc(downstream.bytes_in)
-        m.bytes.labels("inbound", "tx").inc(downstream.bytes_out)
         downstream.write_eof()
         downstream.close()
         upstream.close()

@@ -119,11 +119,10 @@ async def _pump(
     active = m.active.labels(direction)
     active.inc()
     try:
-        await pipe.fuse(tls_side, plain_side, idle_timeout=cfg.idle_timeout)
+        with m.flow(direction, tls_side):
+            await pipe.fuse(tls_side, plain_side, idle_timeout=cfg.idle_timeout)
     finally:
         active.dec()
-        m.bytes.labels(direction, "rx").inc(tls_side.bytes_in)
-        m.bytes.labels(direction, "tx").inc(tls_side.bytes_out)
         plain_side.release()
 
 

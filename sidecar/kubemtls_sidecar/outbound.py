@@ -148,8 +148,7 @@ async def _pump(
     active = m.active.labels("outbound")
     active.inc()
     try:
-        await pipe.fuse(app, tls_side, idle_timeout=cfg.idle_timeout)
+        with m.flow("outbound", tls_side):
+            await pipe.fuse(app, tls_side, idle_timeout=cfg.idle_timeout)
     finally:
         active.dec()
-        m.bytes.labels("outbound", "rx").inc(tls_side.bytes_in)
-        m.bytes.labels("outbound", "tx").inc(tls_side.bytes_out)

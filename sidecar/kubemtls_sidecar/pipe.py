@@ -110,9 +110,20 @@ class Endpoint(asyncio.Protocol):
         if self.write_closed or self.transport is None:
             return
         self.write_closed = True
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
+        self._send_fin()
         self._maybe_close()
+
+    def _send_fin(self) -> None:
+        """TCP FIN. A peer already gone (ENOTCONN, EPIPE) ends the connection instead of
+        raising into the connection's task (the selector loop's ``write_eof`` raises)."""
+        t = self.transport
+        if t is None or not t.can_write_eof():
+            return
+        try:
+            t.write_eof()
+        except OSError as e:
+            logger.debug("half-close failed, aborting: %r", e)
+            t.abort()
 
     def close(self) -> None:
         if self.transport is not None:

@@ -255,8 +255,7 @@ class TlsEndpoint(pipe.Endpoint):
             with contextlib.suppress(ssl.SSLError):
                 self.ssl.unwrap()
             self._flush()
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
+        self._send_fin()
         self._maybe_close()
 
     def _flush(self) -> None:

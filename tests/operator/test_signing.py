@@ -8,8 +8,8 @@ from typing import Any
 import aiohttp
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, rsa
 from cryptography.x509.oid import NameOID
 from kubemtls_sidecar import certs, contract
 from operatorkit import (
@@ -169,6 +169,3 @@ async def test_bad_requests_get_the_documented_answer(
 async def _metrics(handle: OperatorHandle) -> str:
     async with aiohttp.ClientSession() as s, s.get(handle.metrics_url) as r:
         return await r.text()
-
-
-_ = (hashes, ec)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from dataplane import Files
-from kubemtls_sidecar import config, contract, errors
+from kubemtls_sidecar import config, contract, errors, flags
 
 
 def test_environment_configures_the_sidecar_like_the_webhook_does(files: Files):
@@ -60,7 +60,7 @@ def test_transparent_mode_takes_bare_app_ports(files: Files):
 
 
 def test_every_flag_has_help_with_default_and_env():
-    text = config.build_parser().format_help()
+    text = " ".join(flags.build_parser().format_help().split())
     for flag in (
         "--signer",
         "--token-file",
@@ -81,9 +81,27 @@ def test_every_flag_has_help_with_default_and_env():
         "--idle-timeout",
         "--drain-timeout",
         "--max-connections",
+        "--wait-ready",
+        "--wait-ready-timeout",
     ):
         assert flag in text
-        assert contract.env_name(flag) in text.replace("\n", " ").replace("  ", " ")
+    for f in flags.FLAGS:
+        assert f.help, f.name
+        shown = f.default if f.default is not None else "none"
+        assert f"{' '.join(f.help.split())} [default: {shown}]" in text, f.name
+        assert contract.env_name(f.name) in text, f.name
+
+
+def test_wait_ready_reads_only_its_own_settings():
+    env = {"KUBEMTLS_ADMIN_PORT": "15999", "KUBEMTLS_PROTOCOL": "bogus", "KUBEMTLS_INBOUND": "x"}
+    assert config.wait_ready([], env=env) is None
+    w = config.wait_ready(["--wait-ready"], env=env)
+    assert w == config.WaitReady("127.0.0.1", 15999, 120.0)
+    env["KUBEMTLS_ADMIN_ADDRESS"] = "::"
+    env["KUBEMTLS_WAIT_READY_TIMEOUT"] = "5"
+    assert config.wait_ready(["--wait-ready"], env=env) == config.WaitReady("::1", 15999, 5.0)
+    with pytest.raises(errors.ConfigError, match="--admin-port"):
+        config.wait_ready(["--wait-ready", "--admin-port", "0"], env={})
 
 
 def test_port_clash_is_a_config_error(files: Files):

@@ -1,4 +1,5 @@
-"""Lifecycle and limits: drain on SIGTERM, handshake timeout, connection cap, exit codes."""
+"""Lifecycle and limits: drain on SIGTERM or /quitquitquit, handshake timeout, connection cap,
+exit codes."""
 
 from __future__ import annotations
 
@@ -22,8 +23,22 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-async def test_sigterm_drains_in_flight_data_then_exits_0(files: Files, tmp_path):
-    """A slow app answers after SIGTERM: the client still gets every byte; new conns refused."""
+async def post(port: int, path: str, host: str = "127.0.0.1") -> tuple[int, str]:
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode())
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, body = raw.decode().partition("\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+@pytest.mark.parametrize("trigger", ["SIGTERM", "POST /quitquitquit"])
+async def test_stop_drains_in_flight_data_then_exits_0(files: Files, tmp_path, trigger):
+    """A slow app answers after the stop: the client still gets every byte; new conns refused.
+
+    ``/quitquitquit`` from 127.0.0.1 (a container of the pod) takes SIGTERM's path.
+    """
     release = asyncio.Event()
 
     async def slow_app(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -54,7 +69,10 @@ async def test_sigterm_drains_in_flight_data_then_exits_0(files: Files, tmp_path
         writer.write(payload)
         await writer.drain()
         await asyncio.sleep(0.2)  # let the bytes reach the app
-        proc.send_signal(signal.SIGTERM)
+        if trigger == "SIGTERM":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            assert await post(admin, "/quitquitquit") == (200, "draining\n")
         await eventually(lambda: not _listening(port), 5)  # stopped accepting
         release.set()
         echoed = await asyncio.wait_for(reader.readexactly(len(payload)), 15)
@@ -157,3 +175,23 @@ def test_unusable_cert_file_exits_2_with_one_line(files: Files, tmp_path):
     assert lines[-1].startswith("kubemtls-sidecar: --cert-dir"), proc.stderr
     assert "private key" in lines[-1]
     assert "not a key" not in proc.stderr
+
+
+async def test_half_close_towards_a_reset_peer_ends_the_connection_quietly():
+    """A peer that reset the connection before our FIN: ``write_eof`` must not raise into
+    the connection's task (the selector loop's shutdown(SHUT_WR) gives ENOTCONN)."""
+    import socket
+
+    from kubemtls_sidecar import pipe
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        loop = asyncio.get_running_loop()
+        _, ep = await loop.create_connection(pipe.PlainEndpoint, *listener.getsockname())
+        assert isinstance(ep, pipe.PlainEndpoint)
+        peer, _ = listener.accept()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        peer.close()  # RST, delivered at once on loopback; the loop has not seen it yet
+        ep.write_eof()  # raised OSError(ENOTCONN) before
+        await asyncio.wait_for(ep.wait_closed(), 5)
