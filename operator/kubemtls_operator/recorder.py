@@ -24,7 +24,7 @@ __all__ = ["Issuance", "Recorder"]
 logger = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Issuance:
     """One signed certificate, as the MTLSCert's status records it."""
 

@@ -33,7 +33,7 @@ DAY = datetime.timedelta(days=1)
 MAX_RENEWAL_SLACK = datetime.timedelta(minutes=5)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class CertView:
     """What the MTLSCert's status says about the pod's current certificate."""
 
@@ -55,7 +55,7 @@ class CertView:
         )
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Condition:
     type: str
     status: str  # "True" | "False" | "Unknown"
@@ -72,7 +72,7 @@ class Condition:
         }
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Evaluation:
     phase: str
     conditions: tuple[Condition, ...]

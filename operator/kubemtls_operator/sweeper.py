@@ -25,7 +25,7 @@ __all__ = ["CertRecord", "Sweeper"]
 logger = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class CertRecord:
     """What the MTLSCert index keeps per object (small: 10,000 of them must fit)."""
 

@@ -29,7 +29,7 @@ NEGATIVE_TTL = 5.0
 MAX_ENTRIES = 50_000
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Identity:
     """What a valid token says: the pod (when bound to one), its namespace and SA."""
 

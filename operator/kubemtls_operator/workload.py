@@ -28,7 +28,7 @@ def opted_in(annotations_: Mapping[str, str] | None, labels: Mapping[str, str] |
     ) == "true"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class PodFacts:
     """The few facts of a pod the operator keeps (in the kopf index) and signs from."""
 
