@@ -1,11 +1,13 @@
-"""Records issued certificates in their MTLSCert's status, off the signing hot path.
+"""Records issued certificates in their MTLSCert's status before the signer answers.
 
-The signing API answers first and records afterwards: :meth:`Recorder.record` only
-queues. Workers coalesce per MTLSCert (the newest certificate wins, ``rotations`` counts
-every one), write with a resourceVersion precondition, and retry until the write lands —
-nothing is lost to a conflict or an API hiccup. A write waits ``settle`` seconds after the
-first issuance it records, so a pod that re-keys in a burst costs one write. If the pod's
-MTLSCert does not exist yet (the sidecar asked before the pod handler ran), it is created.
+A certificate must never be in a pod's hands without its serial in the API: revocation
+reads the serial from the MTLSCert's status, so a serial lost to a crash between signing
+and recording could never be revoked. :meth:`Recorder.record` queues the issuance and
+returns a future that resolves once a status write containing it has landed; the signing
+API awaits it (bounded) before it hands the certificate out. Workers coalesce per
+MTLSCert (the newest certificate wins, ``rotations`` counts every one), write with a
+resourceVersion precondition, and retry until the write lands. If the pod's MTLSCert does
+not exist yet (the sidecar asked before the pod handler ran), it is created.
 """
 
 from __future__ import annotations
@@ -58,23 +60,29 @@ class Recorder:
     #: Extra facts for the status evaluation: ``(ns, name) → kwargs`` of status.evaluate.
     context: Callable[[Issuance], dict[str, Any]] = lambda _: {}
     workers: int = 8
-    settle: float = 0.25
+    settle: float = 0.0
     latest: dict[Key, Issuance] = dataclasses.field(default_factory=dict)
     _pending: dict[Key, tuple[Issuance, int]] = dataclasses.field(default_factory=dict)
+    _waiters: dict[Key, list[asyncio.Future[None]]] = dataclasses.field(default_factory=dict)
     _queue: asyncio.Queue[Key] = dataclasses.field(default_factory=asyncio.Queue)
     _tasks: list[asyncio.Task[None]] = dataclasses.field(default_factory=list)
     _idle: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
-    def record(self, issued: Issuance) -> None:
-        """Queue ``issued`` for its MTLSCert (never blocks, never raises)."""
+    def record(self, issued: Issuance) -> asyncio.Future[None]:
+        """Queue ``issued`` for its MTLSCert; the future resolves once the write landed."""
         key = (issued.pod.namespace, issued.pod.name)
         self.latest[key] = issued
         prev = self._pending.get(key)
         self._pending[key] = (issued, (prev[1] if prev else 0) + 1)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(key, []).append(done)
         self._idle.clear()
         if prev is None:
-            # A short settle time lets a burst of re-issues to one pod become one write.
-            asyncio.get_running_loop().call_later(self.settle, self._queue.put_nowait, key)
+            if self.settle > 0:
+                asyncio.get_running_loop().call_later(self.settle, self._queue.put_nowait, key)
+            else:
+                self._queue.put_nowait(key)
+        return done
 
     def pending(self, key: Key) -> bool:
         return key in self._pending
@@ -102,6 +110,7 @@ class Recorder:
             delay = 0.2
             while key in self._pending:
                 issued, count = self._pending.pop(key)
+                waiters = self._waiters.pop(key, [])
                 try:
                     await self._write(issued, count)
                 except errors.APIError as e:
@@ -109,9 +118,14 @@ class Recorder:
                     # Put it back (merged with anything newer) and retry after a pause.
                     newest = prev[0] if prev else issued
                     self._pending[key] = (newest, count + (prev[1] if prev else 0))
+                    self._waiters[key] = waiters + self._waiters.get(key, [])
                     logger.warning("recording %s/%s failed (%s); retrying", *key, e)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 10.0)
+                else:
+                    for w in waiters:
+                        if not w.done():
+                            w.set_result(None)
             if not self._pending:
                 self._idle.set()
 

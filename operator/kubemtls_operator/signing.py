@@ -2,9 +2,10 @@
 
 ``POST /v1/certificates`` and ``GET /v1/trust`` over HTTPS. Authentication is the pod's
 projected token (TokenReview, audience ``kubemtls``, cached); the pod comes from the kopf
-index; the leaf's identity comes from the pod, never from the CSR. The status write is
-queued to the :class:`recorder.Recorder` after the answer is built, so the hot path makes
-no API call at all when the token is cached and the pod is indexed.
+index; the leaf's identity comes from the pod, never from the CSR. The certificate is
+handed out only once its serial is recorded in the MTLSCert's status (so it can always be
+revoked): with the token cached and the pod indexed, that write is the hot path's one API
+call. A write that does not land within ``RECORD_TIMEOUT`` gets 503 and the sidecar retries.
 
 Every refusal is JSON ``{"reason": "<CamelCase>", "message": "<sentence>"}``, logged with
 the pod and the reason, and counted in ``kubemtls_signing_refusals_total{reason}``.
@@ -12,6 +13,7 @@ the pod and the reason, and counted in ``kubemtls_signing_refusals_total{reason}
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime
 import hashlib
@@ -45,6 +47,8 @@ __all__ = ["MAX_BODY", "Signer"]
 logger = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024
+#: How long a signing request waits for its serial to be recorded in the API.
+RECORD_TIMEOUT = 10.0
 POD_KEY = web.RequestKey("pod", str)
 
 Refused = errors.SigningRefused
@@ -179,7 +183,7 @@ class Signer:
             "renewAt": revocation.format_time(renew),
         }
         serial = f"{leaf.serial_number:x}"
-        self.recorder.record(
+        recorded = self.recorder.record(
             recorder.Issuance(
                 pod=pod,
                 serial=serial,
@@ -190,6 +194,14 @@ class Signer:
                 renewal_time=renew,
             )
         )
+        try:
+            await asyncio.wait_for(asyncio.shield(recorded), RECORD_TIMEOUT)
+        except TimeoutError as e:
+            raise Refused(
+                503,
+                "StatusNotRecorded",
+                "the certificate could not be recorded in its MTLSCert in time; retry",
+            ) from e
         metrics.ISSUED.labels(pod.namespace).inc()
         metrics.SIGNING_LATENCY.observe(time.perf_counter() - started)
         logger.info(

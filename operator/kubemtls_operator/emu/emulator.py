@@ -9,6 +9,7 @@ import copy
 import json
 import os
 import random
+import re
 import string
 import sys
 import traceback
@@ -67,6 +68,7 @@ class Emulator(
         self.api_audiences: list[str] = ["https://kubernetes.default.svc.cluster.local"]
         self.server_version = "1.36.0"
         self.check_pods = False
+        self.latency: list[tuple[re.Pattern, float]] = []  # POST /_emu/latency: slow requests
         self.admission = False
         self.verbose = False
         self.columns: dict[kmock.resource, list[dict]] = {}  # CRD printer columns per resource
@@ -462,6 +464,10 @@ class Emulator(
         entry = {"method": method_of(request), "path": request.url.path_qs, "status": None}
         self.request_log.append(entry)
         try:
+            for pattern, seconds in self.latency:
+                if pattern.search(f"{entry['method']} {request.url.path}"):
+                    await asyncio.sleep(seconds)
+                    break
             response = await self._dispatch(request)
             entry["status"] = response.status
             return response

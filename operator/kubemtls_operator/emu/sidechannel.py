@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import aiohttp.web
 
@@ -48,8 +49,19 @@ class SideChannelMixin:
             return self.respond({"resourceVersion": str(self.rv), "items": items})
         if path == "/_emu/requests" and method == "GET":
             return self.respond({"requests": list(self.request_log)})
+        if path == "/_emu/latency" and method == "POST":
+            # {"pattern": "<regex on 'METHOD /path'>", "seconds": 1.5}; seconds 0 removes it.
+            # Like a slow etcd, for tests of what a client does while a write is in flight.
+            body = request.data if isinstance(request.data, dict) else {}
+            pattern = str(body.get("pattern") or "")
+            seconds = float(body.get("seconds") or 0)
+            self.latency = [(p, s) for p, s in self.latency if p.pattern != pattern]
+            if seconds > 0:
+                self.latency.append((re.compile(pattern), seconds))
+            return self.respond({"latency": [[p.pattern, s] for p, s in self.latency]})
         if path == "/_emu/reset" and method == "POST":
             body = request.data if isinstance(request.data, dict) else {}
+            self.latency = []
             async with self._lock:
                 for (r, n, nm), o in list(self.store.items()):
                     if (
@@ -70,5 +82,5 @@ class SideChannelMixin:
             404,
             "NotFound",
             "unknown /_emu endpoint: GET|POST /_emu/tokens, GET /_emu/objects, "
-            "GET /_emu/requests, POST /_emu/reset",
+            "GET /_emu/requests, POST /_emu/latency, POST /_emu/reset",
         )
