@@ -12,7 +12,9 @@ from __future__ import annotations
 import datetime
 import os
 import pathlib
+import secrets
 import shutil
+import socket
 import subprocess
 
 import pytest
@@ -159,6 +161,46 @@ def test_ehr_sends_real_tls_alerts(
     assert "X-Client-Identity: spiffe://cluster.local/ns/clinic/sa/ehr-client" in answer
     alerts = [e.alert for e in running_ehr.events if not e.ok]
     assert alerts == ["certificate_required", "unknown_ca", "certificate_revoked"]
+
+
+def _reaches(pod: netns.PodNet, host: str, port: int) -> bool:
+    """Whether a TCP connection from inside the pod's namespace to host:port completes."""
+    probe = f"exec 3<>/dev/tcp/{host}/{port}"
+    argv = [*pod.exec_prefix(), "timeout", "3", "bash", "-c", probe]
+    return subprocess.run(argv, capture_output=True, check=False).returncode == 0
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(netns.available() is not None, reason=str(netns.available()))
+def test_bridge_keeps_its_mac_when_a_port_with_a_lower_mac_joins() -> None:
+    # A Linux bridge takes the lowest MAC of its ports unless it has one of its own. The demo
+    # adds batch-export half-way; had the host IP's MAC changed then, the pods that cached
+    # the old one would time out talking to the EHR until their ARP entry expired.
+    net = netns.Network(secrets.token_hex(2))
+    low = f"kmt{net.run_id}lo"
+    listener = socket.socket()
+    try:
+        net.create()
+        pods_ = [net.add_pod("a"), net.add_pod("b")]
+        listener.bind((net.host_ip, 0))
+        listener.listen(16)
+        port = listener.getsockname()[1]
+        mac = pathlib.Path(f"/sys/class/net/{net.bridge}/address").read_text().strip()
+        assert mac == netns.bridge_mac(net.run_id)
+        assert all(_reaches(p, net.host_ip, port) for p in pods_)  # ARP caches filled
+        subprocess.run(
+            ["ip", "link", "add", low, "address", "02:00:00:00:00:01", "type", "veth",
+             "peer", "name", f"{low}p"],
+            check=True,
+        )  # fmt: skip
+        subprocess.run(["ip", "link", "set", low, "master", net.bridge, "up"], check=True)
+        assert pathlib.Path(f"/sys/class/net/{net.bridge}/address").read_text().strip() == mac
+        assert all(_reaches(p, net.host_ip, port) for p in pods_)
+    finally:
+        listener.close()
+        subprocess.run(["ip", "link", "del", low], capture_output=True, check=False)
+        assert net.destroy() == []
+    assert netns.leftovers(net.run_id) == []
 
 
 def test_ehr_resources_are_valid_fhir() -> None:

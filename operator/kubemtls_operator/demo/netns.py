@@ -6,6 +6,12 @@ gets a network namespace with an ``eth0`` end of a veth pair plugged into the br
 own address, a default route to the host, and ``/etc/netns/<ns>/hosts`` so the EHR's name
 resolves inside it (``ip netns exec`` bind-mounts that file over ``/etc/hosts``).
 
+The bridge gets a fixed MAC address, as Docker and the CNI bridge plugin give theirs. Left to
+itself, a Linux bridge takes the lowest MAC of its ports, so a pod added later (the demo adds
+batch-export half-way) can change the MAC behind the host IP. Pods that cached the old one in
+their ARP table then send into the void: every connection to the EHR and the signing API
+times out until their neighbour entry expires, 15 to 50 s later.
+
 Everything created here is recorded and removed by ``destroy()``, also after a failure
 half-way. It needs root (``ip`` and ``/etc/netns``); the demo falls back to loopback without.
 """
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import ipaddress
 import json
 import os
@@ -22,7 +29,7 @@ import shutil
 import signal
 import subprocess
 
-__all__ = ["Network", "PodNet", "available", "leftovers"]
+__all__ = ["Network", "PodNet", "available", "bridge_mac", "leftovers"]
 
 PREFIX = "kubemtls-"
 ETC_NETNS = pathlib.Path("/etc/netns")
@@ -100,7 +107,7 @@ class Network:
         self._created_netns: list[str] = []
 
     def create(self) -> None:
-        _ip("link", "add", self.bridge, "type", "bridge")
+        _ip("link", "add", self.bridge, "address", bridge_mac(self.run_id), "type", "bridge")
         self._created_links.append(self.bridge)
         _ip("addr", "add", f"{self.host_ip}/{self.subnet.prefixlen}", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
@@ -142,6 +149,12 @@ class Network:
         self._created_netns.clear()
         self._created_links.clear()
         return problems
+
+
+def bridge_mac(run_id: str) -> str:
+    """A locally administered unicast MAC for this run's bridge (02:6b:6d: is "kmt")."""
+    tail = hashlib.sha256(run_id.encode()).digest()[:3]
+    return ":".join(f"{b:02x}" for b in (0x02, 0x6B, 0x6D, *tail))
 
 
 def _kill_netns_pids(netns: str) -> None:

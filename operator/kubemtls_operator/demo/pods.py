@@ -106,6 +106,7 @@ class PodRunner:
         self.api, self.pod, self.net = api, pod, net
         self.name = str(pod["metadata"]["name"])
         self.dir = workdir / "pods" / self.name
+        self.logs = workdir / "logs"  # every process's log in one place, as <pod>-<container>
         self.remap = remap or Remap()
         self.refresh = refresh
         self.containers: dict[str, Container] = {}
@@ -122,7 +123,7 @@ class PodRunner:
         return self.net.ip if self.net else "127.0.0.1"
 
     def log_of(self, container: str) -> pathlib.Path:
-        return self.dir / f"{container}.log"
+        return self.logs / f"{self.name}-{container}.log"
 
     def start(self, timeout: float = 30.0) -> None:
         """Mount volumes, report the pod Running, start its containers in kubelet order.
@@ -200,6 +201,7 @@ class PodRunner:
         if self.net is not None:
             argv = self._in_namespaces(c, argv)
         log = self.log_of(c["name"])
+        log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as out:
             proc = subprocess.Popen(
                 argv,

@@ -7,6 +7,7 @@ or the TLS alert it sent), the MTLSCert objects and the CRL the operator publish
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import sys
@@ -100,6 +101,36 @@ def _until(pred: Callable[[], Any], timeout: float, step: float = 0.2) -> Any:
         if value or time.monotonic() > deadline:
             return value
         time.sleep(step)
+
+
+def _sidecar_said(st: stage.Stage, pod: str, since: float) -> list[str]:
+    """Why the pod's sidecar closed app connections since ``since`` (wall clock), counted.
+
+    A request that failed says only "connection closed"; its sidecar's log says why (the
+    upstream refused us, was unreachable, or the handshake timed out).
+    """
+    counts: dict[str, int] = {}
+    try:
+        text = st.pods[pod].log_of(contract.SIDECAR_CONTAINER_NAME).read_text(errors="replace")
+    except (KeyError, OSError):
+        return []
+    for line in text.splitlines():
+        try:
+            doc = json.loads(line)
+            at = datetime.datetime.fromisoformat(str(doc["time"])).timestamp()
+        except (ValueError, KeyError, TypeError):
+            continue
+        if at >= since and doc.get("level") in ("warning", "error"):
+            what = f"{doc.get('msg')} ({doc.get('alert') or doc.get('reason') or '?'})"
+            counts[what] = counts.get(what, 0) + 1
+    return [f"{n}x {what}" for what, n in counts.items()]
+
+
+def _failures(st: stage.Stage, failed: list[JSON], since: float) -> str:
+    if not failed:
+        return ""
+    said = _sidecar_said(st, "ehr-client", since)
+    return f"; the sidecar logged: {'; '.join(said)}" if said else ""
 
 
 def _short(serial: str) -> str:
@@ -214,12 +245,13 @@ def scene_renewal(n: report.Narrator, st: stage.Stage, app: AppLog) -> report.Sc
     window = app.poll()[start:]
     failed = [x for x in window if not x.get("ok")]
     after = str(changed["serial"])
+    said = _failures(st, failed, float(first["t"]))
     return report.Scene(
         "renewal", "pass" if not failed else "fail",
         f"serial {_short(before)} → {_short(after)} under traffic: "
-        f"{len(window)} requests, {len(failed)} failed",
+        f"{len(window)} requests, {len(failed)} failed{said}",
         {"before": before, "after": after, "requests": len(window), "failed": len(failed),
-         "errors": [x.get("error") for x in failed[:3]]},
+         "errors": [x.get("error") for x in failed[:3]], "sidecar": said},
     )  # fmt: skip
 
 
@@ -256,6 +288,7 @@ def scene_revocation(n: report.Narrator, st: stage.Stage, app: AppLog) -> report
     time.sleep(1.0)  # and the app goes on with its new certificate
     window = app.poll()[start:]
     failed = [x for x in window if not x.get("ok")]
+    said = _failures(st, failed, float(first["t"]))
     ok = not failed and bool(recorded) and enforced and before_ehr
     return report.Scene(
         "revocation", "pass" if ok else "fail",
@@ -263,11 +296,11 @@ def scene_revocation(n: report.Narrator, st: stage.Stage, app: AppLog) -> report
         f"{_short(str(changed['serial']))} after {rekeyed:.1f}s"
         f"{'' if before_ehr else ' (AFTER the EHR fetched the CRL)'}; the EHR's CRL now "
         f"{'lists' if enforced else 'does NOT list'} {_short(revoked)}: "
-        f"{len(window)} requests, {len(failed)} failed",
+        f"{len(window)} requests, {len(failed)} failed{said}",
         {"revoked": revoked, "after": changed["serial"], "in_crl": enforced,
          "recorded": bool(recorded), "requests": len(window), "failed": len(failed),
          "rekey_seconds": round(rekeyed, 2), "before_ehr_crl_fetch": before_ehr,
-         "errors": [x.get("error") for x in failed[:3]]},
+         "errors": [x.get("error") for x in failed[:3]], "sidecar": said},
     )  # fmt: skip
 
 

@@ -69,6 +69,7 @@ def run(options: Options, out: TextIO = sys.stdout) -> report.Result:
         result.scenes.append(report.Scene("interrupted", "fail", "stopped by Ctrl-C"))
     finally:
         result.pids = st.pids()
+        kept = st.save_logs() if st.own_workdir and not result.ok else None
         result.leftovers = st.close(keep_workdir=options.workdir is not None)
         result.leftovers += [x for x in netns.leftovers(st.run_id) if why_not is None]
         result.leftovers += [f"process {p}" for p in stage.live_processes(result.pids)]
@@ -76,7 +77,8 @@ def run(options: Options, out: TextIO = sys.stdout) -> report.Result:
         passed = sum(s.status == "pass" for s in result.scenes)
         verdict = "all passed" if result.ok else f"{passed}/{len(result.scenes)} passed"
         left = f"; LEFT BEHIND: {', '.join(result.leftovers)}" if result.leftovers else ""
-        n.say("done", f"{verdict} in {result.seconds:.1f}s; cleaned up{left}")
+        logs = f"; the logs are kept in {kept}" if kept else ""
+        n.say("done", f"{verdict} in {result.seconds:.1f}s; cleaned up{left}{logs}")
     return result
 
 
@@ -153,7 +155,7 @@ def _wait_for_ctrl_c(n: report.Narrator, st: stage.Stage) -> None:
         f"{kubectl} annotate mtlscert ehr-client -n {stage.NAMESPACE} "
         f"{contract.ANN_REVOKE}=keyCompromise",
         f"tail -f {st.pods['ehr-client'].log_of('app') if 'ehr-client' in st.pods else '...'}",
-        f"logs: {st.workdir / 'logs'} and {st.workdir / 'pods'}",
+        f"logs (every container, the API server, the operator, the EHR): {st.workdir / 'logs'}",
     ]
     if st.net is not None and "ehr-client" in st.net.pods:
         lines.append(

@@ -223,6 +223,19 @@ class Stage:
 
     # --- teardown ---------------------------------------------------------------------------
 
+    def save_logs(self) -> pathlib.Path | None:
+        """Copy ``logs/`` (no keys live there) out of a workdir that close() will remove.
+
+        For a failed run in a temporary workdir (the end-to-end test): the sidecars' logs
+        are what explains a failed request.
+        """
+        try:
+            kept = pathlib.Path(tempfile.mkdtemp(prefix=f"kubemtls-demo-logs-{self.run_id}-"))
+            shutil.copytree(self.workdir / "logs", kept, dirs_exist_ok=True)
+        except OSError:
+            return None
+        return kept
+
     def close(self, keep_workdir: bool = False) -> list[str]:
         """Stop and remove everything; return what could not be removed."""
         problems: list[str] = []
