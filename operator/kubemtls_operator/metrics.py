@@ -43,6 +43,20 @@ CERT_EXPIRY = prom.Gauge(
     "notAfter of each pod's current certificate",
     ["namespace", "name"],
 )
+CERT_NOT_BEFORE = prom.Gauge(
+    "kubemtls_certificate_not_before_timestamp_seconds",
+    "notBefore of each pod's current certificate (expiry minus this is its lifetime)",
+    ["namespace", "name"],
+)
+CERT_RENEWAL = prom.Gauge(
+    "kubemtls_certificate_renewal_timestamp_seconds",
+    "When each pod's current certificate is due to renew (status.renewalTime)",
+    ["namespace", "name"],
+)
+PODS_NOT_INJECTED = prom.Gauge(
+    "kubemtls_pods_not_injected",
+    "Pods that opted in but run without the kubemtls sidecar (the webhook did not inject them)",
+)
 CA_EXPIRY = prom.Gauge(
     "kubemtls_ca_expiry_timestamp_seconds", "notAfter of each trusted CA", ["role", "subject"]
 )
@@ -72,8 +86,9 @@ def observe_authority(auth: rollover.Authority) -> None:
 
 
 def forget_cert(namespace: str, name: str) -> None:
-    with contextlib.suppress(KeyError):
-        CERT_EXPIRY.remove(namespace, name)
+    for gauge in (CERT_EXPIRY, CERT_NOT_BEFORE, CERT_RENEWAL):
+        with contextlib.suppress(KeyError):
+            gauge.remove(namespace, name)
 
 
 def render() -> tuple[bytes, str]:

@@ -154,3 +154,5 @@ class Recorder:
             pod.namespace, pod.name, compute, create=workload.mtlscert_body(pod, self.cfg)
         )
         metrics.CERT_EXPIRY.labels(pod.namespace, pod.name).set(issued.not_after.timestamp())
+        metrics.CERT_NOT_BEFORE.labels(pod.namespace, pod.name).set(issued.not_before.timestamp())
+        metrics.CERT_RENEWAL.labels(pod.namespace, pod.name).set(issued.renewal_time.timestamp())

@@ -57,12 +57,24 @@ class Runtime:
     tasks: list[asyncio.Task[None]] = dataclasses.field(default_factory=list)
     #: pod UIDs whose MTLSCert is known to exist and be current (saves API calls).
     seen: set[str] = dataclasses.field(default_factory=set)
+    #: Opted-in pods running without the sidecar, as (namespace, name): the metric's count.
+    not_injected: set[tuple[str, str]] = dataclasses.field(default_factory=set)
 
     def forget(self, pod: workload.PodFacts) -> None:
         """A pod is gone: drop what this replica remembers about it."""
         self.seen.discard(pod.uid)
+        self.note_injected(pod)
         self.recorder.latest.pop((pod.namespace, pod.name), None)
         metrics.forget_cert(pod.namespace, pod.name)
+
+    def note_injected(self, pod: workload.PodFacts, injected: bool = True) -> None:
+        """Track an opted-in pod that runs without the sidecar (``injected=False``)."""
+        key = (pod.namespace, pod.name)
+        if injected:
+            self.not_injected.discard(key)
+        else:
+            self.not_injected.add(key)
+        metrics.PODS_NOT_INJECTED.set(len(self.not_injected))
 
     async def lookup_pod(self, namespace: str, name: str) -> workload.PodFacts | None:
         """From the kopf index; on a miss (the watch may lag a fresh pod), from the API."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import aiohttp
 from kubemtls_sidecar import contract
 from operatorkit import Api, OperatorHandle, _until
 
@@ -74,6 +75,19 @@ async def test_opted_in_pod_without_sidecar_gets_event_and_not_injected(
 
     (ev, *_) = await _until(event)
     assert ev["type"] == "Warning"
+    # ... and a metric the shipped KubemtlsPodsNotInjected alert reads; gone with the pod.
+    assert "kubemtls_pods_not_injected 1.0" in await _metrics(operator)
+    await api.delete("/api/v1/namespaces/default/pods/legacy")
+
+    async def cleared() -> bool:
+        return "kubemtls_pods_not_injected 0.0" in await _metrics(operator)
+
+    await _until(cleared)
+
+
+async def _metrics(handle: OperatorHandle) -> str:
+    async with aiohttp.ClientSession() as s, s.get(handle.metrics_url) as r:
+        return await r.text()
 
 
 async def test_restart_converges_without_duplicates(api: Api, start_operator: Any) -> None:

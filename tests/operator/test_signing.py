@@ -184,3 +184,8 @@ async def test_a_certificate_is_handed_out_only_once_its_serial_is_recorded(
     leaf = x509.load_pem_x509_certificates(body["certificateChain"].encode())[0]
     cert = await api.mtlscert("slow-1")  # read at once: no waiting
     assert (cert.get("status") or {}).get("serial") == f"{leaf.serial_number:x}"
+    # The per-certificate gauges the shipped alerts read are set too.
+    text = await _metrics(operator)
+    labels = '{name="slow-1",namespace="default"}'
+    for metric in ("not_before", "renewal", "expiry"):
+        assert f"kubemtls_certificate_{metric}_timestamp_seconds{labels}" in text

@@ -53,6 +53,7 @@ async def pod_event(
         return
     if pod.deleting or not pod.uid or pod.uid in rt.seen:
         return
+    rt.note_injected(pod, pod.injected)
     await rt.publisher.ensure(pod.namespace)
     cert, _ = await rt.client.create_or_get(
         naming.mtlscerts_path(pod.namespace), workload.mtlscert_body(pod, rt.cfg)
