@@ -2,8 +2,9 @@
 
 checkov (PyPI) pulls in about 290 MB of dependencies and pins some of ours, so it is not
 in the dev extra: ``scripts/bootstrap.sh dev`` (so the test command, and CI) installs a
-pinned checkov into its own venv, ``.tools/checkov``. Without it this test skips; the hardening it covers is also asserted directly by
-test_chart_render.py and test_chart_rbac.py. Every finding it may report must be
+pinned checkov into its own venv, ``.tools/checkov``. Without it this test skips; the
+hardening it covers is also asserted directly by test_chart_render.py and
+test_chart_rbac.py. Every finding it may report must be
 explained in docs/security.md; anything else fails.
 """
 

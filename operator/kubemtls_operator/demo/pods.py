@@ -218,6 +218,10 @@ class PodRunner:
         """Wrap argv: the pod's network namespace, a private mount namespace, its mounts."""
         assert self.net is not None
         script = []
+        targets = [pathlib.Path(m["mountPath"]) for m in c.get("volumeMounts", [])]
+        hidden = _hidden_install(targets)
+        if hidden is not None:  # e.g. a checkout under /tmp, and the sidecar's /tmp volume
+            script.append(f"mount --rbind {shlex.quote(str(hidden))} {_STASH}")
         for mount in c.get("volumeMounts", []):
             target = pathlib.Path(mount["mountPath"])
             self._make_mount_point(target)
@@ -225,6 +229,9 @@ class PodRunner:
             script.append(f"mount --bind {shlex.quote(str(source))} {shlex.quote(str(target))}")
             if mount.get("readOnly"):
                 script.append(f"mount -o remount,bind,ro {shlex.quote(str(target))}")
+        if hidden is not None:
+            quoted = shlex.quote(str(hidden))
+            script.append(f"mkdir -p {quoted} && mount --rbind {_STASH} {quoted}")
         script.append('exec "$@"')
         return [
             *self.net.exec_prefix(), "unshare", "--mount", "--propagation", "private",
@@ -316,3 +323,32 @@ class PodRunner:
             for vol in self.volumes.values():
                 with contextlib.suppress(kubeapi.APIError, OSError):  # kubelet retries; so do we
                     vol.refresh(self.api, self.pod)
+
+
+#: Where a hidden installation is parked while the pod's volumes are mounted (in the
+#: pod's private mount namespace only; /mnt exists on Debian and no volume targets it).
+_STASH = "/mnt"
+
+
+def _hidden_install(targets: list[pathlib.Path]) -> pathlib.Path | None:
+    """The directory holding this Python installation and kubemtls, if a mount would hide it.
+
+    The demo runs containers from this machine's installation (the venv and, in an
+    editable install, the checkout). A volume mounted over one of its parents — the
+    sidecar's in-memory ``/tmp`` over a checkout in ``/tmp`` — would hide it; the caller
+    then binds it aside and back in place inside the pod's mount namespace.
+    """
+    import kubemtls_sidecar
+
+    import kubemtls_operator
+
+    roots = [
+        pathlib.Path(sys.prefix).resolve(),
+        pathlib.Path(kubemtls_operator.__file__).resolve().parent.parent,
+        pathlib.Path(kubemtls_sidecar.__file__).resolve().parent.parent,
+    ]
+    common = pathlib.Path(os.path.commonpath([str(r) for r in roots]))
+    for target in targets:
+        if common == target or target in common.parents:
+            return common
+    return None
