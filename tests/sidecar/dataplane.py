@@ -27,10 +27,22 @@ SIDECAR = [sys.executable, "-m", "kubemtls_sidecar"]
 ENV_PATH = str(REPO / ".venv" / "bin")
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free 127.0.0.1 port, never one this process handed out before.
+
+    Binding to port 0 and closing can give the same port twice in a row; a test that asks
+    for two ports (an admin port and a listen port, say) must get two different ones.
+    """
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def raw_leaf(
