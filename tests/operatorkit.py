@@ -22,7 +22,6 @@ import asyncio
 import dataclasses
 import json
 import pathlib
-import socket
 import ssl
 import subprocess
 from collections.abc import Awaitable, Callable
@@ -38,24 +37,6 @@ from kubemtls_sidecar import contract
 
 NAMESPACE = "kubemtls"
 MTLSCERTS = f"/apis/{contract.CRD_GROUP}/{contract.CRD_VERSION}"
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A free 127.0.0.1 port, never one this process handed out before.
-
-    Binding to port 0 and closing can give the same port twice in a row; a test that asks
-    for two ports (an admin port and a listen port, say) must get two different ones.
-    """
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
 
 
 @dataclasses.dataclass

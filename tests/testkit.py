@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import pathlib
+import socket
 from collections.abc import Callable
 
 from cryptography import x509
@@ -113,3 +114,21 @@ async def eventually(
         if loop.time() > deadline:
             raise AssertionError(f"condition not met within {timeout}s: {pred}")
         await asyncio.sleep(step)
+
+
+_HANDED_OUT: set[int] = set()
+
+
+def free_port() -> int:
+    """A free 127.0.0.1 port, never one this process handed out before.
+
+    Binding to port 0 and closing can give the same port twice in a row; a test that asks
+    for two ports (an admin port and a listen port, say) must get two different ones.
+    """
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port

@@ -24,8 +24,8 @@ from operatorkit import (
     StartOperator,
     _wait_ca,
     _wait_listening,
-    free_port,
 )
+from testkit import free_port
 
 
 @pytest.fixture

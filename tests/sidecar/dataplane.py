@@ -21,28 +21,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kubemtls_operator import pki
 from kubemtls_sidecar import app, config
-from testkit import REPO, Leaf, TestPKI, utcnow
+from testkit import REPO, Leaf, TestPKI, free_port, utcnow
 
 SIDECAR = [sys.executable, "-m", "kubemtls_sidecar"]
 ENV_PATH = str(REPO / ".venv" / "bin")
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A free 127.0.0.1 port, never one this process handed out before.
-
-    Binding to port 0 and closing can give the same port twice in a row; a test that asks
-    for two ports (an admin port and a listen port, say) must get two different ones.
-    """
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
 
 
 def raw_leaf(

@@ -22,8 +22,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from kopf.testing import KopfRunner
 from kubemtls_sidecar import contract, crl
-from operatorkit import NAMESPACE, Api, OperatorHandle, _until, _wait_ca, _wait_listening, free_port
-from testkit import eventually, utcnow
+from operatorkit import NAMESPACE, Api, OperatorHandle, _until, _wait_ca, _wait_listening
+from testkit import eventually, free_port, utcnow
 
 pytestmark = pytest.mark.slow
 
