@@ -13,6 +13,8 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
+from kubemtls_sidecar import metrics, pipe, tlsconn
+
 __all__ = ["Tracker"]
 
 logger = logging.getLogger(__name__)
@@ -45,3 +47,21 @@ class Tracker:
         if pending:
             await asyncio.wait(pending, timeout=1)
         return len(pending)
+
+
+async def pump(
+    direction: str,
+    tls_side: tlsconn.TlsEndpoint,
+    plain_side: pipe.PlainEndpoint,
+    idle_timeout: float,
+    m: metrics.Metrics,
+) -> None:
+    """Fuse an established connection's two sides, counted as ``direction`` in metrics."""
+    m.connections.labels(direction, "ok").inc()
+    active = m.active.labels(direction)
+    active.inc()
+    try:
+        with m.flow(direction, tls_side):
+            await pipe.fuse(tls_side, plain_side, idle_timeout=idle_timeout)
+    finally:
+        active.dec()

@@ -105,25 +105,10 @@ async def forward_tcp(
         downstream.close()
         return
     assert isinstance(upstream, pipe.PlainEndpoint)
-    await _pump("inbound", downstream, upstream, cfg, m)
-
-
-async def _pump(
-    direction: str,
-    tls_side: tlsconn.TlsEndpoint,
-    plain_side: pipe.PlainEndpoint,
-    cfg: config.Config,
-    m: metrics.Metrics,
-) -> None:
-    m.connections.labels(direction, "ok").inc()
-    active = m.active.labels(direction)
-    active.inc()
     try:
-        with m.flow(direction, tls_side):
-            await pipe.fuse(tls_side, plain_side, idle_timeout=cfg.idle_timeout)
+        await conns.pump("inbound", downstream, upstream, cfg.idle_timeout, m)
     finally:
-        active.dec()
-        plain_side.release()
+        upstream.release()
 
 
 def forwarder_for(protocol: str) -> Forwarder:

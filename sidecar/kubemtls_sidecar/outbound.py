@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from kubemtls_sidecar import config, conns, inbound, logs, metrics, pipe, tlsconn, tlsstore
+from kubemtls_sidecar import alerts, config, conns, inbound, logs, metrics, pipe, tlsconn, tlsstore
 
 __all__ = ["OutboundListener", "connect_upstream"]
 
@@ -88,20 +88,8 @@ class OutboundListener:
             try:
                 upstream = await connect_upstream(self.store, self.cfg, self.host, self.port)
             except tlsconn.HandshakeError as e:
-                f = e.failure
                 m.connections.labels("outbound", "refused").inc()
-                m.handshake_failures.labels("outbound", f.alert or "none", f.code).inc()
-                logs.event(
-                    logger,
-                    logging.WARNING,
-                    "upstream TLS handshake failed; closing the app's connection",
-                    direction="outbound",
-                    upstream=where,
-                    **e.presented,
-                    alert=f.alert,
-                    alert_sent_by=f.sent_by,
-                    reason=f.reason,
-                )
+                _refused(m, where, e.failure, e.presented)
                 app.close()  # FIN: the app sees the connection end
                 return
             except (OSError, TimeoutError) as e:
@@ -121,34 +109,28 @@ class OutboundListener:
                 app.close()  # FIN: the app sees the connection end
                 return
             m.handshake_seconds.labels("outbound").observe(loop.time() - started)
-            await _pump(upstream, app, self.cfg, m)
-            if upstream.failure is not None:
-                f = upstream.failure
-                m.handshake_failures.labels("outbound", f.alert or "none", f.code).inc()
-                logs.event(
-                    logger,
-                    logging.WARNING,
-                    "upstream TLS handshake failed; closing the app's connection",
-                    direction="outbound",
-                    upstream=where,
-                    alert=f.alert,
-                    alert_sent_by=f.sent_by,
-                    reason=f.reason,
-                )
+            await conns.pump("outbound", upstream, app, self.cfg.idle_timeout, m)
+            if upstream.failure is not None:  # TLS 1.3: refused after our side finished
+                _refused(m, where, upstream.failure, {})
         finally:
             app.release()
             if upstream is not None:
                 upstream.release()
 
 
-async def _pump(
-    tls_side: tlsconn.TlsEndpoint, app: pipe.PlainEndpoint, cfg: config.Config, m: metrics.Metrics
+def _refused(
+    m: metrics.Metrics, where: str, f: alerts.Failure, presented: dict[str, str | None]
 ) -> None:
-    m.connections.labels("outbound", "ok").inc()
-    active = m.active.labels("outbound")
-    active.inc()
-    try:
-        with m.flow("outbound", tls_side):
-            await pipe.fuse(app, tls_side, idle_timeout=cfg.idle_timeout)
-    finally:
-        active.dec()
+    """Count and log one refused upstream handshake, with the alert and who sent it."""
+    m.handshake_failures.labels("outbound", f.alert or "none", f.code).inc()
+    logs.event(
+        logger,
+        logging.WARNING,
+        "upstream TLS handshake failed; closing the app's connection",
+        direction="outbound",
+        upstream=where,
+        **presented,
+        alert=f.alert,
+        alert_sent_by=f.sent_by,
+        reason=f.reason,
+    )

@@ -169,6 +169,7 @@ def test_quitquitquit_from_outside_the_pod_is_403(test_pki: testkit.TestPKI) -> 
     """The sidecar in namespace a (the pod), admin on 0.0.0.0 as in a pod: namespace b
     (kubelet, another pod) and a's own pod IP get 403; a's 127.0.0.1 stops it (exit 0)."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
+        # Two pods need two network namespaces: root only. CI runs as root, so it runs there.
         pytest.skip("needs root and iproute2 (network namespaces)")
     root = pathlib.Path(tempfile.mkdtemp(prefix="kmt-quit-"))
     try:

@@ -39,10 +39,11 @@ async def test_stop_drains_in_flight_data_then_exits_0(files: Files, tmp_path, t
 
     ``/quitquitquit`` from 127.0.0.1 (a container of the pod) takes SIGTERM's path.
     """
-    release = asyncio.Event()
+    release, received = asyncio.Event(), asyncio.Event()
 
     async def slow_app(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         data = await r.readexactly(4 << 20)
+        received.set()
         await release.wait()
         w.write(data)
         await w.drain()
@@ -68,7 +69,7 @@ async def test_stop_drains_in_flight_data_then_exits_0(files: Files, tmp_path, t
         payload = os.urandom(4 << 20)
         writer.write(payload)
         await writer.drain()
-        await asyncio.sleep(0.2)  # let the bytes reach the app
+        await asyncio.wait_for(received.wait(), 15)  # every byte is at the app, unanswered
         if trigger == "SIGTERM":
             proc.send_signal(signal.SIGTERM)
         else:

@@ -116,6 +116,8 @@ def install_in_scratch_netns(argv: list[str]) -> subprocess.CompletedProcess[str
 
 def test_install_is_idempotent_in_a_scratch_netns() -> None:
     if os.geteuid() != 0 or shutil.which("iptables-restore") is None:
+        # Installing rules needs root and iptables (scripts/bootstrap.sh installs it); CI
+        # runs as root with the set-up done, so there this test always runs.
         pytest.skip("needs root and iptables")
     script = (
         "set -e; for i in 1 2; do "
@@ -200,6 +202,8 @@ def _material(root: pathlib.Path, name: str, leaf: object, test_pki: TestPKI) ->
 def test_plain_client_reaches_the_other_namespace_over_mtls(test_pki: TestPKI) -> None:
     reason = testkit_netns.skip_reason()
     if reason is not None:
+        # Not root, or no ip/iptables/tcpdump: printed, then skipped. CI runs as root with
+        # the set-up done, so there this test always runs.
         print(f"skipping the netns test: {reason}")
         pytest.skip(reason)
     py = testkit_netns.sidecar_python()
