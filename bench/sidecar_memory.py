@@ -16,7 +16,10 @@ it touched).
     .venv/bin/python bench/sidecar_memory.py [--settle 3] [--protocol tcp|http]
 
 It also prints what each import adds to a fresh interpreter (USS and RSS, in the order the
-sidecar loads them), which is where the idle footprint comes from.
+sidecar loads them), which is where the idle footprint comes from, and what validating new
+material now costs: the resident sidecar never imports ``cryptography`` (~10 MiB RSS); a
+reload or a key starts the short-lived ``vet`` child (``kubemtls_sidecar.vetted``), and the
+last table is its wall time and CPU (parent and child) per question.
 """
 
 from __future__ import annotations
@@ -223,12 +226,12 @@ IMPORT_STEPS = (
     "asyncio",  # with ssl, so OpenSSL's libraries and their initialisation
     "argparse,dataclasses,ipaddress,pathlib,json,logging",
     "h11",
-    "cryptography.x509,cryptography.hazmat.primitives.serialization",
     "prometheus_client",
     "uvloop",
     "kubemtls_sidecar.app",
     "kubemtls_sidecar.identity",  # --signer only
     "kubemtls_sidecar.httpmode",  # --protocol http only
+    "cryptography.x509,cryptography.hazmat.primitives.serialization",  # the vet child only
 )
 _IMPORT_PROBE = """
 import importlib, json, sys
@@ -261,6 +264,59 @@ def import_costs() -> list[tuple[str, float, float]]:
     return [tuple(r) for r in json.loads(out)]  # type: ignore[misc]
 
 
+async def reload_cost(ca: pki.CA, rounds: int = 5) -> list[dict[str, object]]:
+    """Wall seconds and CPU seconds (this process, the children) per vetting question."""
+    import resource
+    import time
+
+    from kubemtls_sidecar import vetted
+
+    leaf_dir = leaf_files(ca, pathlib.Path(tempfile.mkdtemp(prefix="kmt-vet-")), "app-0")
+    crl = pki.crl_pem(pki.build_crl(ca, [], now=now(), number=1))
+    trust = pki.trust_bundle([ca.anchor])
+    chain, key = (leaf_dir / "tls.crt").read_bytes(), (leaf_dir / "tls.key").read_bytes()
+    cases = {
+        "certificate (file reload)": {
+            "chain_pem": chain, "key_pem": key, "current_trust_pem": trust,
+        },
+        "trust + CRL (file reload)": {"trust_pem": trust, "crl_pem": crl, "our_chain_pem": chain},
+        "trust + CRL + certificate (start)": {
+            "trust_pem": trust, "crl_pem": crl, "chain_pem": chain, "key_pem": key,
+        },
+    }  # fmt: skip
+    rows = []
+    for name, req in [*cases.items(), ("key + CSR (signer mode)", None)]:
+        wall = cpu_self = cpu_child = 0.0
+        for _ in range(rounds):
+            s0, c0 = (
+                resource.getrusage(resource.RUSAGE_SELF),
+                resource.getrusage(resource.RUSAGE_CHILDREN),
+            )
+            t0 = time.perf_counter()
+            if req is None:
+                answer = await vetted.call("keygen", {"key_type": "ecdsa-p256"})
+            else:
+                text = {k: v.decode("latin-1") for k, v in req.items()}
+                answer = await vetted.call("material", text)
+            wall += time.perf_counter() - t0
+            s1, c1 = (
+                resource.getrusage(resource.RUSAGE_SELF),
+                resource.getrusage(resource.RUSAGE_CHILDREN),
+            )
+            cpu_self += s1.ru_utime + s1.ru_stime - s0.ru_utime - s0.ru_stime
+            cpu_child += c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime
+            assert "error" not in json.dumps(answer), answer
+        rows.append(
+            {
+                "case": name,
+                "wall_ms": round(1000 * wall / rounds, 1),
+                "cpu_parent_ms": round(1000 * cpu_self / rounds, 1),
+                "cpu_child_ms": round(1000 * cpu_child / rounds, 1),
+            }
+        )
+    return rows
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--settle", type=float, default=3.0, help="seconds idle before measuring")
@@ -290,11 +346,16 @@ async def main() -> None:
     print(f"\n{'import step':<66}{'+USS':>6}{'+RSS':>6}  (MiB)")
     for step, uss, rss in costs:
         print(f"{step:<66}{uss:>6.1f}{rss:>6.1f}")
+    vetting = await reload_cost(ca)
+    print(f"\n{'vetting one question (mean of 5)':<40}{'wall':>8}{'CPU':>8}{'child CPU':>11}  (ms)")
+    for v in vetting:
+        print(f"{v['case']:<40}{v['wall_ms']:>8}{v['cpu_parent_ms']:>8}{v['cpu_child_ms']:>11}")
     doc = {
         "python": sys.version.split()[0],
         "cpus": os.cpu_count(),
         "rows": rows,
         "imports": [{"step": s, "uss": round(u, 2), "rss": round(r, 2)} for s, u, r in costs],
+        "vetting": vetting,
     }
     print(json.dumps(doc))
     if opts.out:

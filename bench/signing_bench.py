@@ -79,6 +79,7 @@ class Cluster:
         self.signer = ""
         self.health = ""
         self.operator_pid = 0
+        self.emulator_pid = 0
 
     def start(self) -> None:
         ready, kc = self.tmp / "emu.url", self.tmp / "kubeconfig"
@@ -102,6 +103,7 @@ class Cluster:
                 stderr=open(self.tmp / "emu.log", "wb"),  # noqa: SIM115
             )
         )
+        self.emulator_pid = self.procs[0].pid
         deadline = time.time() + 30
         while not (ready.exists() and ready.read_text().strip()):
             if time.time() > deadline:
@@ -205,8 +207,32 @@ async def trust_ctx(s: aiohttp.ClientSession, base: str) -> ssl.SSLContext:
     raise SystemExit("no trust ConfigMap")
 
 
+def profilers(
+    cl: Cluster, out: pathlib.Path | None, seconds: float, tag: str
+) -> list[subprocess.Popen[bytes]]:
+    """py-spy on the operator and the emulator for the measured window (``--profile DIR``)."""
+    if out is None:
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    spy = pathlib.Path(PY).with_name("py-spy")
+    return [
+        subprocess.Popen(
+            [str(spy), "record", "--pid", str(pid), "-r", "200", "--format", "raw", "--nonblocking"]
+            + ["-d", str(max(1, int(seconds))), "-o", str(out / f"{who}-{tag}.txt")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for who, pid in (("operator", cl.operator_pid), ("emulator", cl.emulator_pid))
+    ]
+
+
 async def throughput(
-    cl: Cluster, s: aiohttp.ClientSession, clients: int, seconds: float, rate: float = 0.0
+    cl: Cluster,
+    s: aiohttp.ClientSession,
+    clients: int,
+    seconds: float,
+    rate: float = 0.0,
+    profile: pathlib.Path | None = None,
 ) -> dict[str, Any]:
     """Closed loop (each client asks again at once) or, with ``rate``, paced in total."""
     tokens = await asyncio.gather(
@@ -240,12 +266,16 @@ async def throughput(
     # warm up (TLS handshakes, token reviews), then measure
     await asyncio.gather(*(client(i, time.perf_counter() + 1.0) for i in range(clients)))
     lat.clear()
-    cpu0 = cpu_seconds(cl.operator_pid)
+    spies = profilers(cl, profile, seconds, f"{'closed' if not rate else int(rate)}")
+    cpu0, emu0 = cpu_seconds(cl.operator_pid), cpu_seconds(cl.emulator_pid)
     t0 = time.perf_counter()
     await asyncio.gather(*(client(i, t0 + seconds) for i in range(clients)))
     elapsed = time.perf_counter() - t0
     await asyncio.sleep(1.0)  # let the status writes of the last ones land (counted too)
     cpu = cpu_seconds(cl.operator_pid) - cpu0
+    emu = cpu_seconds(cl.emulator_pid) - emu0
+    for spy in spies:
+        spy.wait()
     q = statistics.quantiles(lat, n=100) if len(lat) > 100 else [float("nan")] * 99
     return {
         "clients": clients,
@@ -256,6 +286,7 @@ async def throughput(
         "p50_ms": round(q[49] * 1000, 2),
         "p99_ms": round(q[98] * 1000, 2),
         "operator_cpu_ms_per_cert": round(cpu / max(len(lat), 1) * 1000, 2),
+        "emulator_cpu_ms_per_cert": round(emu / max(len(lat), 1) * 1000, 2),
         "load_avg_1m": os.getloadavg()[0],
         "errors": errors,
     }
@@ -355,7 +386,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 await wait_healthy(s, cl.health)
                 out: dict[str, Any] = {"rss_idle_mib": round(rss_mib(cl.operator_pid), 1)}
                 if args.seconds > 0:
-                    out["throughput"] = await throughput(cl, s, args.clients, args.seconds)
+                    out["throughput"] = await throughput(
+                        cl, s, args.clients, args.seconds, profile=args.profile
+                    )
                     print(json.dumps(out["throughput"]), flush=True)
                     if args.rate > 0:
                         out["paced"] = await throughput(
@@ -382,6 +415,9 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=200.0, help="also a paced run (certs/s)")
     ap.add_argument("--pods", type=int, default=1000)
     ap.add_argument("--rss-certs", type=int, default=10000)
+    ap.add_argument(
+        "--profile", type=pathlib.Path, help="py-spy raw profiles of the closed loop into DIR"
+    )
     ap.add_argument("--check-interval", type=float, default=10.0, help="the operator's sweep")
     args = ap.parse_args()
     out = asyncio.run(main_async(args))

@@ -192,9 +192,12 @@ async def _wait_ca(handle: OperatorHandle, timeout: float = 20.0) -> None:
     deadline = loop.time() + timeout
     async with aiohttp.ClientSession() as s:
         while True:
-            async with s.get(f"http://127.0.0.1:{handle.health_port}/healthz") as r:
-                if (await r.json()).get("ca") == "ok":
-                    return
+            try:
+                async with s.get(f"http://127.0.0.1:{handle.health_port}/healthz") as r:
+                    if (await r.json()).get("ca") == "ok":
+                        return
+            except aiohttp.ClientConnectionError:
+                pass  # the health site starts just after the signing API
             if loop.time() > deadline:
                 raise AssertionError("the operator did not load its CA")
             await asyncio.sleep(0.05)

@@ -21,9 +21,21 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from cryptography import x509
 from kubemtls_sidecar import certs, contract
 
-from kubemtls_operator import config, errors, kube, metrics, naming, pki, revocation, rollover
+from kubemtls_operator import (
+    config,
+    errors,
+    inplace,
+    kube,
+    metrics,
+    naming,
+    pki,
+    revocation,
+    rollover,
+    status,
+)
 
 __all__ = ["Manager"]
 
@@ -227,9 +239,16 @@ class Manager:
     async def _step(self, auth: rollover.Authority, secret_rv: str, state_rv: str) -> bool:
         now = _now()
         step = rollover.plan(
-            auth, now=now, grace=self.cfg.ca_rollover_grace, live_issuers=self.live_issuers()
+            auth,
+            now=now,
+            grace=self.cfg.ca_rollover_grace,
+            live_issuers=self.live_issuers(),
+            max_leaf_life=self.cfg.cert_duration_max,
         )
-        ro = auth.state.rollover
+        if step.action in ("replace", "renewed"):
+            await self._replaced(auth, step, secret_rv, state_rv)
+            return True
+        ro = inplace.normalized(auth, now)
         if step.action == "generate":
             nxt = pki.bootstrap_ca(now=now, common_name=f"kubemtls root CA {now:%Y%m%d%H%M%S}")
             await self._patch_secret(
@@ -281,7 +300,7 @@ class Manager:
                 },
             )
             new = dataclasses.replace(
-                ro,
+                inplace.stamp(ro, nxt),
                 phase=revocation.PHASE_RETIRING,
                 activated_at=now,
                 retiring_fingerprint=certs.fingerprint_sha256(old.cert),
@@ -295,8 +314,13 @@ class Manager:
                 "certificates are replaced",
             )
             return True
+        if (
+            step.action == "retire"
+            and not auth.ambiguous  # retires by time: its name is the signing CA's too
+            and step.detail in await self._live_issuers_in_api()
+        ):
+            return False  # the MTLSCert index was not filled yet (just started): not yet
         if step.action == "retire":
-            assert auth.previous is not None
             remaining = pki.trust_bundle(c.anchor for c in (auth.signing, auth.next) if c)
             await self._patch_secret(
                 secret_rv,
@@ -306,7 +330,7 @@ class Manager:
                     naming.KEY_BUNDLE: remaining,
                 },
             )
-            new = revocation.Rollover(phase=revocation.PHASE_STABLE)
+            new = inplace.stamp(revocation.Rollover(phase=revocation.PHASE_STABLE), auth.signing)
             await self._write_state(dataclasses.replace(auth.state, rollover=new), state_rv)
             await self._event(
                 "Normal",
@@ -314,13 +338,60 @@ class Manager:
                 f"retired the CA {step.detail}: no live certificate chains to it",
             )
             return True
+        if ro != auth.state.rollover:  # first sight of this signing CA: remember it
+            await self._write_state(dataclasses.replace(auth.state, rollover=ro), state_rv)
+            return True
         return False
+
+    async def _replaced(
+        self, auth: rollover.Authority, step: rollover.Step, secret_rv: str, state_rv: str
+    ) -> None:
+        """``tls.crt``/``tls.key`` were replaced in place: make it a rollover (``inplace``)."""
+        old = rollover.recorded_signing(auth.state)
+        writes = inplace.apply(
+            auth,
+            step,
+            old_key=self._key_of(step.detail, old[0], auth),
+            now=_now(),
+            where=f"{self.cfg.namespace}/{self.cfg.ca_secret}",
+        )
+        if writes.secret:
+            await self._patch_secret(secret_rv, writes.secret)
+        await self._write_state(writes.state, state_rv)
+        for type_, reason, message in writes.events:
+            logger.warning("%s: %s", reason, message)
+            await self._event(type_, reason, message)
+
+    def _key_of(
+        self, fingerprint: str, cert: x509.Certificate, auth: rollover.Authority
+    ) -> pki.PrivateKey | None:
+        """The replaced CA's key, if this replica still holds it (or it is unchanged)."""
+        mem = self.authority
+        if mem is not None and mem.signing_fingerprint == fingerprint:
+            return mem.signing.key
+        if rollover.same_key(cert, auth.signing.cert):
+            return auth.signing.key
+        return None
+
+    async def _live_issuers_in_api(self) -> frozenset[str]:
+        """Issuer DNs of unexpired certificates, from a LIST of every MTLSCert.
+
+        Asked only before retiring a CA (rare): right after a start, kopf's index may not
+        hold every MTLSCert yet, and retiring a CA whose leaves live is an outage.
+        """
+        group, version = naming.CRD_API_VERSION.split("/")
+        body = await self.client.get_or_none(f"/apis/{group}/{version}/{contract.CRD_PLURAL}")
+        now = _now()
+        views = [
+            status.CertView.from_status(i.get("status")) for i in (body or {}).get("items", [])
+        ]
+        return frozenset(v.issuer for v in views if v.issuer and v.not_after and v.not_after > now)
 
     async def _refresh_crls(self, auth: rollover.Authority, state_rv: str) -> bool:
         now = _now()
-        if not revocation.needs_crl(auth.state, auth.cas, now):
+        if not revocation.needs_crl(auth.state, auth.cas, now, auth.keyless):
             return False
-        state = revocation.sign_crls(auth.state, auth.cas, now)
+        state = revocation.sign_crls(auth.state, auth.cas, now, auth.keyless)
         await self._write_state(state, state_rv)
         logger.info("signed CRL number %d for %d CA(s)", state.crl_number, len(auth.cas))
         return True
@@ -342,8 +413,8 @@ class Manager:
             for _ in range(MAX_CONFLICT_RETRIES):
                 auth, _, state_rv = await self._load()
                 state = revocation.add(auth.state, entry)
-                if revocation.needs_crl(state, auth.cas, _now()):
-                    state = revocation.sign_crls(state, auth.cas, _now())
+                if revocation.needs_crl(state, auth.cas, _now(), auth.keyless):
+                    state = revocation.sign_crls(state, auth.cas, _now(), auth.keyless)
                 if state == auth.state:
                     break
                 try:

@@ -12,6 +12,7 @@ diffs the result into the JSON Patch. The containers and volumes themselves are 
 
 import dataclasses
 import datetime
+import functools
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -22,7 +23,9 @@ from kubemtls_operator import annotations, sidecarspec
 __all__ = [
     "REASONS",
     "Decision",
+    "Additions",
     "InjectionSettings",
+    "additions",
     "decide",
     "inject_sidecar",
     "is_injected",
@@ -62,6 +65,17 @@ class InjectionSettings:
     token_expiration: int = 3600
 
     @classmethod
+    def of(cls, config: Any) -> "InjectionSettings":
+        """:meth:`from_config`, built once per config object (the webhook asks per review)."""
+        cached = _SETTINGS.get(id(config))
+        if cached is not None and cached[0] is config:
+            return cached[1]
+        settings = cls.from_config(config)
+        _SETTINGS.clear()  # one operator, one config: keep the last one only
+        _SETTINGS[id(config)] = (config, settings)
+        return settings
+
+    @classmethod
     def from_config(cls, config: Any) -> "InjectionSettings":
         """Read the operator config's attributes of the same names (``memo.config``)."""
         allow = config.dns_allow_list
@@ -83,7 +97,7 @@ class InjectionSettings:
             token_expiration=int(config.token_expiration),
         )
 
-    @property
+    @functools.cached_property
     def limits(self) -> annotations.Limits:
         """What annotations may ask for in this cluster."""
         return annotations.Limits(
@@ -93,6 +107,10 @@ class InjectionSettings:
             cert_duration_max=self.cert_duration_max,
             dns_allow_list=self.dns_allow_list,
         )
+
+
+#: id(config) → (config, its settings): :meth:`InjectionSettings.of`'s one-entry cache.
+_SETTINGS: dict[int, tuple[Any, InjectionSettings]] = {}
 
 
 def _timedelta(value: object) -> datetime.timedelta:
@@ -159,12 +177,9 @@ def decide(pod: object, settings: InjectionSettings) -> Decision:
             "kubemtls cannot inject a pod with hostNetwork: true (its sidecar would listen on "
             'the node itself); remove hostNetwork or set kubemtls.io/inject: "false"',
         )
-    try:
-        parsed = annotations.parse(
-            merged, namespace=meta.get("namespace") or None, limits=settings.limits
-        )
-    except annotations.AnnotationError as e:
-        return _decision("deny", "invalid_annotations", e.message)
+    parsed = _parse(merged, meta.get("namespace") or None, settings.limits)
+    if isinstance(parsed, str):
+        return _decision("deny", "invalid_annotations", parsed)
     taken = sidecarspec.taken_names(spec, parsed)
     if taken:
         return _decision(
@@ -185,6 +200,36 @@ def decide(pod: object, settings: InjectionSettings) -> Decision:
     return _decision("inject", "injectable", spec=parsed, warnings=parsed.warnings)
 
 
+def _parse(
+    merged: Mapping[str, object], namespace: str | None, limits: annotations.Limits
+) -> annotations.AnnotationSpec | str:
+    """:func:`annotations.parse`, or its error message; memoised on what it reads.
+
+    It reads only the ``kubemtls.io/`` keys, and every pod of a Deployment (or Job, or
+    StatefulSet) carries the same ones, so the webhook parses a pod template's annotations
+    once and not per pod.
+    """
+    key = tuple(
+        (k, v) for k, v in merged.items() if k.startswith(contract.ANNOTATION_PREFIX)
+    )
+    try:
+        return _parse_cached(key, namespace, limits)
+    except TypeError:  # an unhashable value (a JSON list or object): not a valid annotation
+        return _parse_uncached(key, namespace, limits)
+
+
+def _parse_uncached(
+    items: tuple[tuple[str, object], ...], namespace: str | None, limits: annotations.Limits
+) -> annotations.AnnotationSpec | str:
+    try:
+        return annotations.parse(dict(items), namespace=namespace, limits=limits)
+    except annotations.AnnotationError as e:
+        return e.message
+
+
+_parse_cached = functools.lru_cache(maxsize=512)(_parse_uncached)
+
+
 def _looks_like_pod(pod: object) -> bool:
     if not isinstance(pod, Mapping):
         return False
@@ -198,22 +243,41 @@ def _looks_like_pod(pod: object) -> bool:
     if not isinstance(containers, list) or not containers:
         return False
     lists = [containers, spec.get("initContainers") or [], spec.get("volumes") or []]
-    return all(isinstance(x, list) and all(isinstance(i, Mapping) for i in x) for x in lists)
+    return all(isinstance(x, list) and all(map(_is_mapping, x)) for x in lists)
 
 
-def inject_sidecar(
-    pod: dict[str, Any], spec: annotations.AnnotationSpec, settings: InjectionSettings
-) -> None:
-    """Add the sidecar (and, transparent mode, kubemtls-init) to ``pod`` in place.
+def _is_mapping(value: object) -> bool:
+    # A decoded review holds plain dicts: skip the ABC check (~10x slower) for them.
+    return type(value) is dict or isinstance(value, Mapping)
 
-    Idempotent: a pod that :func:`is_injected` is left as it is. Changes nothing but what
-    it adds, except the app's httpGet/tcpSocket probes on intercepted ports (transparent).
+
+@dataclasses.dataclass(frozen=True)
+class Additions:
+    """What injecting a pod adds to it, computed without changing the pod.
+
+    :func:`inject_sidecar` applies it to a pod dict; :mod:`kubemtls_operator.podpatch`
+    turns it into the RFC 6902 operations the webhook answers with.
     """
-    if is_injected(pod):
-        return
-    pod_spec: dict[str, Any] = pod.setdefault("spec", {})
-    probes = sidecarspec.rewrite_app_probes(pod_spec, spec) if spec.mode == "transparent" else {}
-    env = sidecarspec.sidecar_env(spec, settings.signer_url, probes)
+
+    #: Put first in ``spec.initContainers``, in this order (kubemtls-init, native sidecar).
+    init_containers: tuple[dict[str, Any], ...]
+    #: Put first in ``spec.containers`` (the legacy layout's sidecar).
+    containers: tuple[dict[str, Any], ...]
+    #: Appended to ``spec.volumes``.
+    volumes: tuple[dict[str, Any], ...]
+    #: App probes pointed at the sidecar (transparent mode).
+    probes: tuple[sidecarspec.ProbeRewrite, ...]
+    #: Set in ``metadata.annotations``.
+    annotations: Mapping[str, str]
+
+
+def additions(
+    pod: Mapping[str, Any], spec: annotations.AnnotationSpec, settings: InjectionSettings
+) -> Additions:
+    """The containers, volumes, probe changes and annotation the injection adds to ``pod``."""
+    pod_spec: Mapping[str, Any] = pod.get("spec") or {}
+    probes = sidecarspec.probe_rewrites(pod_spec, spec) if spec.mode == "transparent" else []
+    env = sidecarspec.sidecar_env(spec, settings.signer_url, {p.path: p.original for p in probes})
     sidecar = sidecarspec.sidecar_container(
         spec,
         env,
@@ -234,14 +298,38 @@ def inject_sidecar(
         )
     if settings.native_sidecar:
         front.append(sidecar)
-    else:
-        pod_spec["containers"] = [sidecar, *pod_spec.get("containers", [])]
-    if front:
-        pod_spec["initContainers"] = [*front, *pod_spec.get("initContainers", [])]
-    pod_spec["volumes"] = [
-        *pod_spec.get("volumes", []),
-        *sidecarspec.volumes(spec, token_expiration=settings.token_expiration),
-    ]
+    return Additions(
+        init_containers=tuple(front),
+        containers=() if settings.native_sidecar else (sidecar,),
+        volumes=tuple(sidecarspec.volumes(spec, token_expiration=settings.token_expiration)),
+        probes=tuple(probes),
+        annotations={contract.ANN_INJECTED: "true"},
+    )
+
+
+def inject_sidecar(
+    pod: dict[str, Any], spec: annotations.AnnotationSpec, settings: InjectionSettings
+) -> None:
+    """Add the sidecar (and, transparent mode, kubemtls-init) to ``pod`` in place.
+
+    Idempotent: a pod that :func:`is_injected` is left as it is. Changes nothing but what
+    it adds, except the app's httpGet/tcpSocket probes on intercepted ports (transparent).
+    """
+    if is_injected(pod):
+        return
+    added = additions(pod, spec, settings)
+    pod_spec: dict[str, Any] = pod.setdefault("spec", {})
+    for r in added.probes:
+        r.apply(pod_spec)
+    if added.init_containers:
+        pod_spec["initContainers"] = [
+            *added.init_containers,
+            *(pod_spec.get("initContainers") or []),
+        ]
+    if added.containers:
+        pod_spec["containers"] = [*added.containers, *(pod_spec.get("containers") or [])]
+    pod_spec["volumes"] = [*(pod_spec.get("volumes") or []), *added.volumes]
     meta: dict[str, Any] = pod.setdefault("metadata", {})
-    pod_annotations: dict[str, Any] = meta.setdefault("annotations", {})
-    pod_annotations[contract.ANN_INJECTED] = "true"
+    if not isinstance(meta.get("annotations"), dict):
+        meta["annotations"] = {}
+    meta["annotations"].update(added.annotations)

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 Obj = dict[str, Any]
 RECENT_WRITES = 1024
+_REMEMBERED_META = ("name", "namespace", "uid", "resourceVersion")
 
 
 def secret_path(namespace: str, name: str | None = None) -> str:
@@ -224,19 +225,22 @@ class Client:
         name: str,
         compute: Callable[[Obj], Obj | None],
         *,
-        create: Obj | None = None,
+        create: Obj | Callable[[], Obj] | None = None,
         known: Obj | None = None,
     ) -> Obj | None:
         """Read-modify-write an MTLSCert's status with a resourceVersion precondition.
 
         ``compute(obj)`` returns the new status (merged into the old), or None for "no
         change". A conflict re-reads and recomputes. A missing object is created from
-        ``create`` first, or the call returns None. ``known``: an object just read (saves
+        ``create`` (an object, or a function building it only when needed) first, or the
+        call returns None. ``known``: an object just read (saves
         the first GET); else the last version this client wrote, if any (a stale one costs a
-        409 and a re-read, nothing else).
+        409 and a re-read, nothing else; it is kept slim, so when ``compute`` finds nothing
+        to change there, the object is read in full before it is returned).
         """
         path = naming.mtlscerts_path(namespace, name)
-        known = known or self._recent.pop((namespace, name), None)
+        remembered = self._recent.pop((namespace, name), None) if known is None else None
+        known = known or remembered
         for _ in range(10):
             obj, known = (
                 (known, None) if known is not None else (await self.get_or_none(path), None)
@@ -244,9 +248,13 @@ class Client:
             if obj is None:
                 if create is None:
                     return None
-                obj, _ = await self.create_or_get(naming.mtlscerts_path(namespace), create)
+                body = create() if callable(create) else create
+                obj, _ = await self.create_or_get(naming.mtlscerts_path(namespace), body)
             new = compute(obj)
             if new is None:
+                if obj is remembered:  # only a slim copy: the caller gets the full object
+                    remembered = None
+                    continue
                 return obj
             patch = {
                 "metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]},
@@ -261,9 +269,14 @@ class Client:
         raise errors.APIError(f"MTLSCert {namespace}/{name} kept changing; will retry", delay=1.0)
 
     def _remember(self, key: tuple[str, str], obj: Obj) -> None:
+        """Keep what the next status write starts from: identity, resourceVersion, status."""
         if len(self._recent) >= RECENT_WRITES:
             self._recent.pop(next(iter(self._recent)))
-        self._recent[key] = obj
+        meta = obj.get("metadata") or {}
+        self._recent[key] = {
+            "metadata": {k: meta[k] for k in _REMEMBERED_META if k in meta},
+            "status": obj.get("status") or {},
+        }
 
     async def get_pod(self, namespace: str, name: str) -> Obj | None:
         return await self.get_or_none(f"/api/v1/namespaces/{namespace}/pods/{name}")

@@ -59,6 +59,9 @@ class Reason:
     CA_NEXT_PUBLISHED = "CANextPublished"
     CA_ACTIVATED = "CAActivated"
     CA_RETIRED = "CARetired"
+    CA_REPLACED = "CAReplaced"  # tls.crt/tls.key rewritten in place (cert-manager)
+    CA_RENEWED = "CARenewed"  # same key, new certificate
+    CA_PREVIOUS_KEY_UNAVAILABLE = "CAPreviousKeyUnavailable"
     CRL_SIGNED = "CRLSigned"
     NOT_INJECTED = "NotInjected"
     INJECTED = "Injected"

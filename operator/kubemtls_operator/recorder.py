@@ -151,7 +151,7 @@ class Recorder:
             }
 
         await self.client.update_mtlscert_status(
-            pod.namespace, pod.name, compute, create=workload.mtlscert_body(pod, self.cfg)
+            pod.namespace, pod.name, compute, create=lambda: workload.mtlscert_body(pod, self.cfg)
         )
         metrics.CERT_EXPIRY.labels(pod.namespace, pod.name).set(issued.not_after.timestamp())
         metrics.CERT_NOT_BEFORE.labels(pod.namespace, pod.name).set(issued.not_before.timestamp())

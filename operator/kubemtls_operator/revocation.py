@@ -12,9 +12,11 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import re
 from collections.abc import Iterable
 from typing import Any
 
+from cryptography import x509
 from kubemtls_sidecar import certs
 
 from kubemtls_operator import pki
@@ -30,6 +32,7 @@ __all__ = [
     "State",
     "add",
     "format_time",
+    "kept_crls",
     "needs_crl",
     "parse_time",
     "sign_crls",
@@ -40,6 +43,7 @@ CRL_RESIGN_AFTER = datetime.timedelta(days=1)
 PHASE_STABLE = "Stable"
 PHASE_NEXT_PUBLISHED = "NextPublished"
 PHASE_RETIRING = "Retiring"
+_PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.S)
 
 
 def format_time(t: datetime.datetime) -> str:
@@ -87,6 +91,11 @@ class Rollover:
     published_at: datetime.datetime | None = None
     activated_at: datetime.datetime | None = None
     retiring_fingerprint: str = ""
+    #: The CA last seen signing (``tls.crt``): its fingerprint and PEM (with its chain;
+    #: public data). A different ``tls.crt`` that is not the published next CA was replaced
+    #: in place (cert-manager), and this is the CA to keep trusted while its leaves live.
+    signing_fingerprint: str = ""
+    signing_pem: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -95,6 +104,8 @@ class Rollover:
             "publishedAt": format_time(self.published_at) if self.published_at else "",
             "activatedAt": format_time(self.activated_at) if self.activated_at else "",
             "retiringFingerprint": self.retiring_fingerprint,
+            "signingFingerprint": self.signing_fingerprint,
+            "signingPEM": self.signing_pem,
         }
 
     @classmethod
@@ -105,6 +116,8 @@ class Rollover:
             parse_time(d.get("publishedAt")),
             parse_time(d.get("activatedAt")),
             d.get("retiringFingerprint", ""),
+            d.get("signingFingerprint", ""),
+            d.get("signingPEM", ""),
         )
 
 
@@ -161,17 +174,61 @@ def add(state: State, revocation: Revocation) -> State:
     return dataclasses.replace(state, revocations=(*state.revocations, revocation))
 
 
-def _live(state: State, cas: Iterable[pki.CA], now: datetime.datetime) -> tuple[Revocation, ...]:
+def _fingerprints(cas: Iterable[pki.CA], kept: Iterable[x509.Certificate]) -> tuple[str, ...]:
+    return (
+        *(certs.fingerprint_sha256(ca.cert) for ca in cas),
+        *(certs.fingerprint_sha256(c) for c in kept),
+    )
+
+
+def _live(
+    state: State,
+    cas: Iterable[pki.CA],
+    now: datetime.datetime,
+    kept: Iterable[x509.Certificate] = (),
+) -> tuple[Revocation, ...]:
     """Entries still worth listing: the certificate has not expired and its CA is trusted."""
-    fps = {certs.fingerprint_sha256(ca.cert) for ca in cas}
+    fps = set(_fingerprints(cas, kept))
     return tuple(r for r in state.revocations if r.not_after > now and r.issuer in fps)
 
 
-def needs_crl(state: State, cas: Iterable[pki.CA], now: datetime.datetime) -> bool:
-    """Whether the CRLs must be (re)signed: a CA or a revocation changed, or a day passed."""
-    cas = tuple(cas)
-    fps = tuple(certs.fingerprint_sha256(ca.cert) for ca in cas)
-    serials = tuple(sorted(r.serial for r in _live(state, cas, now)))
+def kept_crls(state: State, kept: Iterable[x509.Certificate]) -> bytes:
+    """The last CRL each of ``kept`` signed, from the state (PEM; for a CA whose key is gone).
+
+    A CA replaced in place whose key the operator no longer holds cannot sign again: its
+    last CRL stays published (stale after its nextUpdate) until the CA retires.
+    """
+    out: list[bytes] = []
+    pems = [m.group(0) for m in _PEM_CRL.finditer(state.crl_pem.encode())]
+    for ca in kept:
+        for pem in pems:
+            crl = x509.load_pem_x509_crl(pem)
+            if crl.issuer == ca.subject and _signed_by(crl, ca):
+                out.append(pem + b"\n")
+                break
+    return b"".join(out)
+
+
+def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    try:
+        return crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
+def needs_crl(
+    state: State,
+    cas: Iterable[pki.CA],
+    now: datetime.datetime,
+    kept: Iterable[x509.Certificate] = (),
+) -> bool:
+    """Whether the CRLs must be (re)signed: a CA or a revocation changed, or a day passed.
+
+    ``kept``: retiring CAs without a key, whose last CRL is carried over unchanged.
+    """
+    cas, kept = tuple(cas), tuple(kept)
+    fps = _fingerprints(cas, kept)
+    serials = tuple(sorted(r.serial for r in _live(state, cas, now, kept)))
     return (
         not state.crl_pem
         or state.crl_signed_at is None
@@ -181,10 +238,18 @@ def needs_crl(state: State, cas: Iterable[pki.CA], now: datetime.datetime) -> bo
     )
 
 
-def sign_crls(state: State, cas: Iterable[pki.CA], now: datetime.datetime) -> State:
-    """New CRLs (one per CA, number + 1), dropping entries of expired certificates."""
-    cas = tuple(cas)
-    live = _live(state, cas, now)
+def sign_crls(
+    state: State,
+    cas: Iterable[pki.CA],
+    now: datetime.datetime,
+    kept: Iterable[x509.Certificate] = (),
+) -> State:
+    """New CRLs (one per CA, number + 1), dropping entries of expired certificates.
+
+    ``kept``: retiring CAs without a key; their last CRL is carried over as it is.
+    """
+    cas, kept = tuple(cas), tuple(kept)
+    live = _live(state, cas, now, kept)
     number = state.crl_number + 1
     pems: list[bytes] = []
     for ca in cas:
@@ -194,12 +259,13 @@ def sign_crls(state: State, cas: Iterable[pki.CA], now: datetime.datetime) -> St
         ]
         crl = pki.build_crl(ca, entries, now=now, number=number, next_update=CRL_NEXT_UPDATE)
         pems.append(pki.crl_pem(crl))
+    pems.append(kept_crls(state, kept))
     return dataclasses.replace(
         state,
         revocations=live,
         crl_number=number,
         crl_signed_at=now,
         crl_pem=b"".join(pems).decode(),
-        crl_cas=tuple(certs.fingerprint_sha256(ca.cert) for ca in cas),
+        crl_cas=_fingerprints(cas, kept),
         crl_serials=tuple(sorted(r.serial for r in live)),
     )

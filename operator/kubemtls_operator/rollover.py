@@ -11,6 +11,10 @@ Rollover, in steps (DESIGN.md §Lifecycle commands):
    the old CA moves to ``prev.*`` (its key is kept to sign its CRL);
 3. once no live certificate chains to the old CA it is **retired**: dropped from bundles.
 An unpublished CA never signs: activation requires a recorded publication time.
+
+A CA **replaced in place** (cert-manager rewrites ``tls.crt``/``tls.key``; no ``next``
+phase) has already signed before anyone published it; :func:`replacement` spots it (the
+state records the CA last seen signing) and the old CA joins step 3 as ``prev.*``.
 """
 
 from __future__ import annotations
@@ -30,26 +34,64 @@ __all__ = [
     "from_secret",
     "in_last_fifth",
     "plan",
+    "recorded_signing",
+    "replacement",
+    "same_key",
 ]
 
 
 @dataclasses.dataclass(frozen=True)
 class Authority:
-    """The CAs (signing, next, retiring) and the revocation state."""
+    """The CAs (signing, next, retiring) and the revocation state.
+
+    ``previous`` is the retiring CA with its key (it signs its CRL); ``retiring`` is its
+    certificate and chain as ``prev.crt`` holds them — also when the key is gone (a CA
+    replaced in place while no replica held its key): trusted, but its CRL is frozen.
+    """
 
     signing: pki.CA
     next: pki.CA | None
     previous: pki.CA | None
     state: revocation.State
+    retiring: tuple[x509.Certificate, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.retiring and self.previous is not None:
+            object.__setattr__(self, "retiring", (self.previous.cert, *self.previous.chain))
 
     @property
     def cas(self) -> tuple[pki.CA, ...]:
-        """Every CA whose anchor is in the bundle, signing CA first."""
+        """Every CA with a key whose anchor is in the bundle, signing CA first."""
         return tuple(c for c in (self.signing, self.next, self.previous) if c is not None)
 
     @property
+    def keyless(self) -> tuple[x509.Certificate, ...]:
+        """The retiring CA when its key is gone (its last CRL is carried over)."""
+        return self.retiring[:1] if self.retiring and self.previous is None else ()
+
+    @property
     def bundle_pem(self) -> bytes:
-        return pki.trust_bundle(ca.anchor for ca in self.cas)
+        anchors = [ca.anchor for ca in (self.signing, self.next) if ca is not None]
+        return pki.trust_bundle([*anchors, *self.retiring[-1:]])
+
+    @property
+    def retiring_dn(self) -> str:
+        return self.retiring[0].subject.rfc4514_string() if self.retiring else ""
+
+    def is_retiring_issuer(self, issuer_dn: str) -> bool:
+        """Whether a leaf with this issuer DN chains to the retiring CA.
+
+        False when the signing (or next) CA has the same subject — a CA renewed in place
+        under the same name: its leaves cannot be told apart by name, and renewing every
+        leaf at once would be a storm for nothing.
+        """
+        return bool(self.retiring) and issuer_dn == self.retiring_dn and not self.ambiguous
+
+    @property
+    def ambiguous(self) -> bool:
+        """The retiring CA has the name of the signing (or next) CA: leaves don't tell."""
+        names = {ca.cert.subject.rfc4514_string() for ca in (self.signing, self.next) if ca}
+        return self.retiring_dn in names
 
     @property
     def crl_pem(self) -> bytes:
@@ -94,11 +136,36 @@ def from_secret(
             "put the CA's certificate and unencrypted key there"
         )
     nxt = _load(data, naming.KEY_NEXT_CERT, naming.KEY_NEXT_KEY, now)
+    retiring: tuple[x509.Certificate, ...] = ()
     try:
         prev = _load(data, naming.KEY_PREV_CERT, naming.KEY_PREV_KEY, now)
+        if prev is None and naming.KEY_PREV_CERT in data:
+            retiring = _certificates(data[naming.KEY_PREV_CERT], now)
     except pki.CAExpired:
         prev = None  # an expired retiring CA vouches for nothing any more
-    return Authority(signing=signing, next=nxt, previous=prev, state=state)
+    return Authority(signing=signing, next=nxt, previous=prev, state=state, retiring=retiring)
+
+
+def _certificates(pem: bytes, now: datetime.datetime) -> tuple[x509.Certificate, ...]:
+    """``prev.crt`` without ``prev.key``: the certificates, unless unreadable or expired."""
+    try:
+        chain = tuple(certs.load_pem_certificates(pem))
+    except ValueError:
+        return ()
+    return chain if chain and chain[0].not_valid_after_utc > now else ()
+
+
+def recorded_signing(state: revocation.State) -> tuple[x509.Certificate, ...]:
+    """The CA (and chain) the state last saw signing; () when none was recorded."""
+    pem = state.rollover.signing_pem
+    try:
+        return tuple(certs.load_pem_certificates(pem.encode())) if pem else ()
+    except ValueError:
+        return ()
+
+
+def same_key(a: x509.Certificate, b: x509.Certificate) -> bool:
+    return bool(a.public_key() == b.public_key())
 
 
 def in_last_fifth(cert: x509.Certificate, now: datetime.datetime) -> bool:
@@ -114,21 +181,55 @@ class Step:
     detail: str = ""
 
 
+def replacement(auth: Authority) -> Step:
+    """Whether ``tls.crt`` was replaced in place since the state last recorded it.
+
+    ``replace``: another CA signs now, and the one recorded must stay trusted (and go
+    to ``prev.*``); ``renewed``: the same key and name with a new certificate, which
+    vouches for everything the old one signed. ``none``: nothing was replaced in place
+    (nothing recorded yet, the recorded CA is the retiring one, i.e. our own activation).
+    """
+    ro = auth.state.rollover
+    fp = auth.signing_fingerprint
+    if not ro.signing_fingerprint or ro.signing_fingerprint == fp:
+        return Step("none")
+    if auth.retiring and certs.fingerprint_sha256(auth.retiring[0]) == ro.signing_fingerprint:
+        return Step("none")
+    old = recorded_signing(auth.state)
+    if not old:
+        return Step("none")  # unreadable record: nothing to keep
+    if same_key(old[0], auth.signing.cert) and old[0].subject == auth.signing.cert.subject:
+        return Step("renewed", ro.signing_fingerprint)
+    return Step("replace", ro.signing_fingerprint)
+
+
 def plan(
     auth: Authority,
     *,
     now: datetime.datetime,
     grace: datetime.timedelta,
     live_issuers: frozenset[str],
+    max_leaf_life: datetime.timedelta = datetime.timedelta(hours=720),
 ) -> Step:
     """The next rollover step due at ``now``.
 
     ``live_issuers``: issuer DNs of unexpired certificates (from the MTLSCerts' status).
+    ``max_leaf_life``: CERT_DURATION_MAX; a retiring CA with the signing CA's name (its
+    leaves are indistinguishable by issuer) retires once that long has passed.
     """
     ro = auth.state.rollover
-    if auth.previous is not None:
-        old_dn = auth.previous.cert.subject.rfc4514_string()
-        if old_dn not in live_issuers or auth.previous.cert.not_valid_after_utc <= now:
+    swap = replacement(auth)
+    if swap.action != "none":
+        return swap
+    if auth.retiring:
+        old_dn = auth.retiring_dn
+        expired = auth.retiring[0].not_valid_after_utc <= now
+        if auth.ambiguous:
+            since = ro.activated_at or now
+            if expired or now >= since + max_leaf_life:
+                return Step("retire", old_dn)
+            return Step("none", f"{old_dn} retires at {since + max_leaf_life}")
+        if old_dn not in live_issuers or expired:
             return Step("retire", old_dn)
         return Step("none", f"waiting for certificates of {old_dn} to be replaced")
     if auth.next is not None:
@@ -145,7 +246,7 @@ def plan(
 
 def phase_of(auth: Authority) -> str:
     """The rollover phase as the Secret shows it (the state's copy may lag one step)."""
-    if auth.previous is not None:
+    if auth.retiring:
         return revocation.PHASE_RETIRING
     if auth.next is not None:
         return revocation.PHASE_NEXT_PUBLISHED

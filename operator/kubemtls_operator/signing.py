@@ -84,6 +84,27 @@ async def _refusals(request: web.Request, handler: Any) -> web.StreamResponse:
         return _json(e.status, {"reason": e.reason, "message": e.message})
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Published:
+    """What every answer repeats for one :class:`rollover.Authority`, encoded once."""
+
+    authority: rollover.Authority
+    bundle: str
+    crl: str
+    intermediates: str  # PEM of the signing CA's intermediates (the chain after the leaf)
+    issuer: str  # the signing CA's subject, RFC 4514
+
+    @classmethod
+    def of(cls, auth: rollover.Authority) -> _Published:
+        return cls(
+            auth,
+            auth.bundle_pem.decode(),
+            auth.crl_pem.decode(),
+            pki.cert_pem(*auth.signing.intermediates).decode(),
+            auth.signing.cert.subject.rfc4514_string(),
+        )
+
+
 @dataclasses.dataclass
 class Signer:
     cfg: config.Config
@@ -97,6 +118,7 @@ class Signer:
     _identities: dict[workload.PodFacts, tuple[pki.LeafIdentity, datetime.timedelta]] = (
         dataclasses.field(default_factory=dict)
     )
+    _published: _Published | None = None
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[_refusals])
@@ -142,12 +164,15 @@ class Signer:
             )
         return pod
 
-    def _authority(self) -> rollover.Authority:
+    def _authority(self) -> _Published:
         auth = self.cas.authority
         if auth is None or self.cas.error is not None:
             why = str(self.cas.error) if self.cas.error else "the CA has not been loaded yet"
             raise Refused(503, "CAUnavailable", f"no CA can sign right now: {why}")
-        return auth
+        pub = self._published
+        if pub is None or pub.authority is not auth:  # a new CA or CRL: a new Authority
+            pub = self._published = _Published.of(auth)
+        return pub
 
     # --- POST /v1/certificates ----------------------------------------------------------------
     async def post_certificate(self, request: web.Request) -> web.Response:
@@ -165,10 +190,10 @@ class Signer:
             raise Refused(400, "BadSignature", str(e)) from e
         except pki.CSRInvalid as e:
             raise Refused(400, "InvalidCSR", str(e)) from e
-        auth = self._authority()
+        pub = self._authority()
         now = datetime.datetime.now(datetime.UTC)
         try:
-            leaf = pki.issue_leaf(auth.signing, csr, identity, now=now, lifetime=lifetime)
+            leaf = pki.issue_leaf(pub.authority.signing, csr, identity, now=now, lifetime=lifetime)
         except pki.PKIError as e:
             raise Refused(503, "CAUnavailable", f"the CA cannot sign: {e}") from e
         nb, na = leaf.not_valid_before_utc, leaf.not_valid_after_utc
@@ -176,9 +201,10 @@ class Signer:
         # leaf (the demo's 2m) would get a renewAt in the past.
         renew = pki.renewal_time(max(nb, now), na, fraction=self.cfg.renew_fraction)
         body = {
-            "certificateChain": pki.chain_pem(leaf, auth.signing).decode(),
-            "trustBundle": auth.bundle_pem.decode(),
-            "crl": auth.crl_pem.decode(),
+            # pki.chain_pem(leaf, signing CA), with the intermediates encoded once per CA
+            "certificateChain": pki.cert_pem(leaf).decode() + pub.intermediates,
+            "trustBundle": pub.bundle,
+            "crl": pub.crl,
             "notAfter": revocation.format_time(na),
             "renewAt": revocation.format_time(renew),
         }
@@ -187,7 +213,7 @@ class Signer:
             recorder.Issuance(
                 pod=pod,
                 serial=serial,
-                issuer=auth.signing.cert.subject.rfc4514_string(),
+                issuer=pub.issuer,
                 fingerprint=certs.fingerprint_sha256(leaf),
                 not_before=nb,
                 not_after=na,
@@ -250,7 +276,8 @@ class Signer:
     # --- GET /v1/trust --------------------------------------------------------------------------
     async def get_trust(self, request: web.Request) -> web.Response:
         pod = await self._pod(request)
-        auth = self._authority()
+        pub = self._authority()
+        auth = pub.authority
         now = datetime.datetime.now(datetime.UTC)
         key = (pod.namespace, pod.name)
         latest = self.recorder.latest.get(key)
@@ -269,14 +296,11 @@ class Signer:
         renew_at = now
         if view is not None and view.renewal_time is not None and not rekey:
             renew_at = view.renewal_time
-            if (
-                auth.previous is not None
-                and view.issuer == auth.previous.cert.subject.rfc4514_string()
-            ):
+            if auth.is_retiring_issuer(view.issuer):
                 renew_at = min(renew_at, self._rollover_renewal(auth, pod, now))
         payload = {
-            "trustBundle": auth.bundle_pem.decode(),
-            "crl": auth.crl_pem.decode(),
+            "trustBundle": pub.bundle,
+            "crl": pub.crl,
             "renewAt": revocation.format_time(renew_at),
             "rekey": rekey,
         }

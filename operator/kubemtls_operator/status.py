@@ -62,13 +62,14 @@ class Condition:
     reason: str
     message: str
 
-    def to_json(self, now: datetime.datetime) -> dict[str, str]:
+    def to_json(self, now: datetime.datetime | str) -> dict[str, str]:
+        """As the API stores it; ``now`` as a time, or already formatted."""
         return {
             "type": self.type,
             "status": self.status,
             "reason": self.reason,
             "message": self.message,
-            "lastTransitionTime": revocation.format_time(now),
+            "lastTransitionTime": now if isinstance(now, str) else revocation.format_time(now),
         }
 
 
@@ -178,9 +179,10 @@ def merge_conditions(
     """``new`` as JSON, keeping each unchanged condition's lastTransitionTime."""
     by_type = {c.get("type"): c for c in old or ()}
     out = []
+    stamp = revocation.format_time(now)
     for cond in new:
         prev = by_type.get(cond.type)
-        item = cond.to_json(now)
+        item = cond.to_json(stamp)
         if (
             prev is not None
             and prev.get("status") == cond.status

@@ -15,6 +15,7 @@ import ctypes
 import dataclasses
 import datetime
 import logging
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -44,14 +45,30 @@ class CertRecord:
             for c in st.get("conditions") or ()
         )
         meta = body["metadata"]
+        view = status.CertView.from_status(st)
+        if view.issuer:
+            view = dataclasses.replace(view, issuer=sys.intern(view.issuer))
         return cls(
-            meta["namespace"],
+            sys.intern(meta["namespace"]),
             meta["name"],
             meta.get("uid", ""),
-            status.CertView.from_status(st),
-            st.get("phase", ""),
-            conds,
+            view,
+            sys.intern(st.get("phase", "")),
+            _shared(conds),
         )
+
+
+#: Condition tuples seen so far: 10,000 records share the few distinct ones (bounded).
+_CONDITIONS: dict[tuple[tuple[str, str, str], ...], tuple[tuple[str, str, str], ...]] = {}
+
+
+def _shared(conds: tuple[tuple[str, str, str], ...]) -> tuple[tuple[str, str, str], ...]:
+    hit = _CONDITIONS.get(conds)
+    if hit is None:
+        hit = conds
+        if len(_CONDITIONS) < 4096:
+            _CONDITIONS[conds] = conds
+    return hit
 
 
 @dataclasses.dataclass
@@ -67,9 +84,7 @@ class Sweeper:
         auth = self.cas.authority
         if auth is None:
             return {"ca_error": str(self.cas.error or "no CA loaded")}
-        retiring = (
-            auth.previous is not None and view.issuer == auth.previous.cert.subject.rfc4514_string()
-        )
+        retiring = auth.is_retiring_issuer(view.issuer)
         return {
             "revoked": bool(view.serial) and auth.is_revoked(view.serial),
             "ca_error": str(self.cas.error) if self.cas.error else "",

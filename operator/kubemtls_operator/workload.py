@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,20 +56,35 @@ def facts(body: Mapping[str, Any]) -> PodFacts:
     names = {c.get("name") for c in (spec.get("containers") or [])} | {
         c.get("name") for c in (spec.get("initContainers") or [])
     }
+    own = tuple(
+        sorted((k, str(v)) for k, v in anns.items() if k.startswith(contract.ANNOTATION_PREFIX))
+    )
+    sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
     return PodFacts(
-        namespace=meta.get("namespace", ""),
+        namespace=sys.intern(meta.get("namespace", "")),
         name=meta.get("name", ""),
         uid=meta.get("uid", ""),
-        service_account=spec.get("serviceAccountName") or spec.get("serviceAccount") or "default",
+        service_account=sys.intern(sa),
         opted_in=opted_in(anns, meta.get("labels")),
         injected=contract.SIDECAR_CONTAINER_NAME in names,
         hostname=spec.get("hostname") or "",
         subdomain=spec.get("subdomain") or "",
-        annotations=tuple(
-            sorted((k, str(v)) for k, v in anns.items() if k.startswith(contract.ANNOTATION_PREFIX))
-        ),
+        annotations=_shared(own),
         deleting=bool(meta.get("deletionTimestamp")),
     )
+
+
+#: Annotation sets seen so far: the pods of one workload share theirs (bounded).
+_ANNOTATIONS: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = {}
+
+
+def _shared(anns: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    hit = _ANNOTATIONS.get(anns)
+    if hit is None:
+        hit = anns
+        if len(_ANNOTATIONS) < 4096:
+            _ANNOTATIONS[anns] = anns
+    return hit
 
 
 def _limits(cfg: config.Config) -> podannotations.Limits:

@@ -3,7 +3,8 @@
 A wrong flag or certificate file ends here with exit 2 and one line on stderr that says
 which and why (``ConfigError``); everything else is in ``app``. ``--wait-ready`` (the
 postStart hook) is answered before anything heavy is imported: ``app`` (and with it
-cryptography, prometheus_client, h11) loads only when the proxy runs.
+prometheus_client, h11) loads only when the proxy runs. ``cryptography`` never loads in
+this process: the ``vet`` child does that work (``vetted``).
 """
 
 from __future__ import annotations

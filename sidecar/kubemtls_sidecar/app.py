@@ -152,7 +152,7 @@ async def serve(s: Sidecar, stop: asyncio.Event) -> int:
         ConfigError: material invalid at start, or a port cannot be bound.
     """
     cfg, loop = s.cfg, asyncio.get_running_loop()
-    s.files.load()
+    await s.files.load()
     source = make_source(s)
     specs = [spec for build in LISTENERS for spec in build(s)]
     for spec in specs:
@@ -231,7 +231,7 @@ async def run(cfg: config.Config) -> int:
     s = Sidecar(cfg)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, s.files.reload, "SIGHUP")
+    loop.add_signal_handler(signal.SIGHUP, s.files.reload_soon, "SIGHUP")
     try:
         return await serve(s, stop)
     finally:

@@ -4,6 +4,10 @@ Pure functions over ``cryptography``: build and parse SPIFFE IDs, read a certifi
 facts (serial, SANs, validity, issuer, fingerprints), and the RFC 8705 ``x5t#S256``
 thumbprint. No I/O, no Kubernetes, no network. The operator's own PKI (CA, signing,
 CRLs) lives in ``kubemtls_operator.pki`` and builds on this module.
+
+``cryptography`` is imported inside the functions that take its objects: the resident
+sidecar uses ``spiffe_id``, ``CertFacts`` and ``x5t_s256`` of DER bytes (with ``der``)
+and must never load it (idle memory, see ``vet``).
 """
 
 from __future__ import annotations
@@ -13,12 +17,12 @@ import dataclasses
 import datetime
 import hashlib
 import re
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from typing import TYPE_CHECKING
 
 from kubemtls_sidecar import errors
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 __all__ = [
     "CertFacts",
@@ -84,6 +88,8 @@ def load_pem_certificates(pem: bytes) -> list[x509.Certificate]:
     Raises:
         ValueError: no certificate in the data.
     """
+    from cryptography import x509
+
     try:
         return list(x509.load_pem_x509_certificates(pem))
     except ValueError as e:
@@ -92,13 +98,20 @@ def load_pem_certificates(pem: bytes) -> list[x509.Certificate]:
 
 def fingerprint_sha256(cert: x509.Certificate) -> str:
     """Hex SHA-256 of the DER, upper case with colons (as ``openssl x509 -fingerprint``)."""
+    from cryptography.hazmat.primitives import serialization
+
     digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest().upper()
     return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
 
 
 def x5t_s256(cert: x509.Certificate | bytes) -> str:
     """RFC 8705 §3.1 ``x5t#S256``: base64url (no padding) of the SHA-256 of the DER."""
-    der = cert if isinstance(cert, bytes) else cert.public_bytes(serialization.Encoding.DER)
+    if isinstance(cert, bytes):
+        der = cert
+    else:
+        from cryptography.hazmat.primitives import serialization
+
+        der = cert.public_bytes(serialization.Encoding.DER)
     return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode("ascii")
 
 
@@ -131,12 +144,18 @@ class CertFacts:
 
 
 def _cn_of(rfc4514: str) -> str | None:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
     attrs = x509.Name.from_rfc4514_string(rfc4514).get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(attrs[0].value) if attrs else None
 
 
 def facts(cert: x509.Certificate) -> CertFacts:
     """Read a certificate's facts."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
     uris: list[str] = []
     dns: list[str] = []
     ips: list[str] = []
@@ -176,5 +195,7 @@ def facts(cert: x509.Certificate) -> CertFacts:
 
 def common_name(cert: x509.Certificate) -> str | None:
     """The subject's CN, if any."""
+    from cryptography.x509.oid import NameOID
+
     attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(attrs[0].value) if attrs else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Coroutine
 from typing import Any
 
@@ -49,6 +50,24 @@ class Tracker:
         return len(pending)
 
 
+_CHILDREN: weakref.WeakKeyDictionary[metrics.Metrics, dict[str, tuple[Any, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _children(m: metrics.Metrics, direction: str) -> tuple[Any, Any]:
+    """The ``ok`` counter and ``active`` gauge of ``direction``, bound once per Metrics
+    (``labels()`` locks and validates: a few µs each time, twice per connection)."""
+    by_direction = _CHILDREN.setdefault(m, {})
+    pair = by_direction.get(direction)
+    if pair is None:
+        pair = by_direction[direction] = (
+            m.connections.labels(direction, "ok"),
+            m.active.labels(direction),
+        )
+    return pair
+
+
 async def pump(
     direction: str,
     tls_side: tlsconn.TlsEndpoint,
@@ -57,8 +76,8 @@ async def pump(
     m: metrics.Metrics,
 ) -> None:
     """Fuse an established connection's two sides, counted as ``direction`` in metrics."""
-    m.connections.labels(direction, "ok").inc()
-    active = m.active.labels(direction)
+    ok, active = _children(m, direction)
+    ok.inc()
     active.inc()
     try:
         with m.flow(direction, tls_side):

@@ -5,8 +5,10 @@ a sidecar applies the newest CRL number per issuer, whichever way it arrived (fi
 ``/v1/trust``); a missing or stale CRL must never turn into "every peer refused". OpenSSL's
 ``VERIFY_CRL_CHECK_LEAF`` refuses every peer of an issuer without a CRL and answers a stale
 one with ``certificate_expired``, so ``tlsstore`` hands OpenSSL the CRLs only when every
-CA has a fresh one, and otherwise checks revocation itself after the handshake
-(``revoked()``), with the CRLs it has.
+CA has a fresh one, and otherwise checks revocation itself after the handshake, with the
+CRLs it has. The sidecar runs ``merge`` in its ``vet`` child (the long-running process
+never loads ``cryptography``) and keeps the result as ``vetted.CrlState``, whose
+``fresh``/``revoked`` mirror the ones here.
 """
 
 from __future__ import annotations

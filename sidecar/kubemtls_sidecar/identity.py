@@ -1,8 +1,9 @@
 """The sidecar's identity from the operator: get, renew, re-key, follow trust changes.
 
 ``SignerSource.run()`` is the whole life of a ``--signer`` identity:
-1. generate a key in memory (``keys``), send a CSR with the pod's token, and hand the
-   certificate and the key object to the TLS store. Until then the store holds no
+1. generate a key in memory and its CSR (in the short-lived ``vet`` child, which loads
+   ``cryptography`` so that this process never does: ``vetted``), send the CSR with the
+   pod's token, and hand the certificate and the key to the TLS store. Until then the store holds no
    identity, so ``/readyz`` is false and nothing is served. An unreachable or refusing
    operator is retried with exponential backoff and jitter, for ever.
 2. renew at ``renewAt`` with a FRESH key each time. A failed renewal is retried (backoff),
@@ -13,7 +14,8 @@
    (the certificate was revoked) triggers an immediate renewal with a new key, and an
    earlier ``renewAt`` (CA rollover) moves the renewal forward.
 
-Never writes, logs or sends the private key: only the CSR leaves this module.
+Never writes, logs or sends the private key: it comes from the child over a pipe and
+goes to the store (and from there to OpenSSL through a memfd); only the CSR leaves.
 """
 
 from __future__ import annotations
@@ -24,12 +26,9 @@ import datetime
 import logging
 import random
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from kubemtls_sidecar import config, der, errors, logs, metrics, signer_client, tlsstore, vetted
 
-from kubemtls_sidecar import certs, config, errors, keys, logs, metrics, signer_client, tlsstore
-
-__all__ = ["Backoff", "SignerSource"]
+__all__ = ["Backoff", "NewKey", "SignerSource", "new_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +64,32 @@ def _utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def _same_public_key(cert: x509.Certificate, key: keys.PrivateKey) -> bool:
-    fmt = serialization.PublicFormat.SubjectPublicKeyInfo
-    enc = serialization.Encoding.DER
-    return cert.public_key().public_bytes(enc, fmt) == key.public_key().public_bytes(enc, fmt)
+@dataclasses.dataclass(frozen=True, repr=False)
+class NewKey:
+    """A key from the ``vet`` child: its PEM (never logged: no repr), CSR, public key."""
+
+    pem: bytes
+    csr: bytes
+    spki: bytes
+    description: str  # "ecdsa-secp256r1", "rsa-2048": loggable
+
+
+async def new_key(key_type: str, session: vetted.Session | None = None) -> NewKey:
+    """A fresh key and its CSR, made in the ``vet`` child.
+
+    Raises:
+        MaterialError: the child failed or refused the key type.
+    """
+    answer = vetted.check(await vetted.call("keygen", {"key_type": key_type}, session))
+    try:
+        return NewKey(
+            answer["key_pem"].encode("ascii"),
+            answer["csr_pem"].encode("ascii"),
+            bytes.fromhex(answer["spki"]),
+            str(answer["description"]),
+        )
+    except (KeyError, AttributeError, ValueError):
+        raise vetted.MaterialError("the vetting process answered no key", "VetFailed") from None
 
 
 def _sane_renewal(renew_at: datetime.datetime, not_after: datetime.datetime) -> datetime.datetime:
@@ -121,16 +142,24 @@ class SignerSource:
     # --- certificate -------------------------------------------------------------------
 
     async def _obtain(self, why: str) -> None:
-        """Get a certificate for a fresh key; retry until it works."""
-        key = await asyncio.to_thread(keys.generate_key, self._key_type)
-        csr = keys.build_csr(key)
+        """Get a certificate for a fresh key; retry until it works.
+
+        One vetting child makes the key and vets the certificate (``vetted.Session``);
+        a failed attempt ends it, and the next one starts another only when it needs it.
+        """
         self._backoff.reset()
+        key: NewKey | None = None
         while True:
             try:
-                issued = await self._client.issue(csr)
-                self._install(issued, key, why)
+                async with vetted.Session() as vs:
+                    if key is None:
+                        key = await new_key(self._key_type, vs)
+                    issued = await self._client.issue(key.csr)
+                    await self._install(issued, key, why, vs)
                 self._backoff.reset()
                 return
+            except vetted.MaterialError as e:  # the vetting child failed
+                self._failed(why, e.kind, str(e), None)
             except signer_client.SignerError as e:
                 self._failed(why, e.reason, e.message, e.status)
             except ValueError as e:  # the answer's certificates do not parse or match
@@ -157,14 +186,37 @@ class SignerSource:
             not_after=self._not_after.isoformat() if self._not_after else None,
         )
 
-    def _install(self, issued: signer_client.Issued, key: keys.PrivateKey, why: str) -> None:
-        chain = certs.load_pem_certificates(issued.chain_pem)
-        if not _same_public_key(chain[0], key):
+    async def _install(
+        self, issued: signer_client.Issued, key: NewKey, why: str, vs: vetted.Session
+    ) -> None:
+        chain = der.pem_certificates(issued.chain_pem)
+        if not chain:
+            raise ValueError("no certificate in the signer's chain")
+        leaf = der.parse(chain[0])
+        if leaf.spki != key.spki:
             raise ValueError("the signed certificate is not for the key we sent")
-        self._apply_trust(issued.trust_pem, issued.crl_pem)  # first: the chain is checked on it
-        if not self._store.update(issued.chain_pem, key, source="signer"):
+        trust = (issued.trust_pem, issued.crl_pem)
+        if self._trust_applied == trust:
+            cert_ok = await self._store.update(
+                issued.chain_pem, key.pem, source="signer", session=vs
+            )
+        else:  # trust first (the chain is checked on it); one vetting child for both
+            trust_ok, cert_ok = await self._store.update_all(
+                issued.trust_pem,
+                issued.crl_pem or None,
+                issued.chain_pem,
+                key.pem,
+                source="signer",
+                session=vs,
+            )
+            if not trust_ok:
+                raise ValueError(
+                    f"the TLS store refused the trust bundle: {self._store.last_error}"
+                )
+            self._trusted(trust)
+        if not cert_ok:
             raise ValueError(f"the TLS store refused the certificate: {self._store.last_error}")
-        facts = certs.facts(chain[0])
+        facts = der.facts(leaf)
         self._not_after = issued.not_after
         self._renew_at = _sane_renewal(issued.renew_at, issued.not_after)
         if self._renew_at != issued.renew_at:
@@ -180,7 +232,7 @@ class SignerSource:
             f"obtained a certificate from the signer ({why})",
             spiffe_id=facts.spiffe_id,
             serial=facts.serial,
-            key=keys.describe(key),
+            key=key.description,
             not_after=issued.not_after.isoformat(),
             renew_at=issued.renew_at.isoformat(),
         )
@@ -205,13 +257,16 @@ class SignerSource:
 
     # --- trust ---------------------------------------------------------------------------
 
-    def _apply_trust(self, trust_pem: bytes, crl_pem: bytes) -> None:
+    async def _apply_trust(self, trust_pem: bytes, crl_pem: bytes) -> None:
         if self._trust_applied == (trust_pem, crl_pem):
-            return
-        if not self._store.update_trust(trust_pem, crl_pem or None, source="signer"):
+            return  # unchanged: no vetting child
+        if not await self._store.update_trust(trust_pem, crl_pem or None, source="signer"):
             raise ValueError(f"the TLS store refused the trust bundle: {self._store.last_error}")
-        self._client.learn_trust(trust_pem)
-        self._trust_applied = (trust_pem, crl_pem)
+        self._trusted((trust_pem, crl_pem))
+
+    def _trusted(self, trust: tuple[bytes, bytes]) -> None:
+        self._client.learn_trust(trust[0])
+        self._trust_applied = trust
 
     async def _trust_loop(self) -> None:
         while True:
@@ -233,7 +288,7 @@ class SignerSource:
             if trust is None:
                 continue  # 304: unchanged
             try:
-                self._apply_trust(trust.trust_pem, trust.crl_pem)
+                await self._apply_trust(trust.trust_pem, trust.crl_pem)
                 self._etag = trust.etag  # only once applied: a refused one is fetched again
             except ValueError as e:
                 logger.warning("refused the signer's new trust bundle or CRL: %s", e)

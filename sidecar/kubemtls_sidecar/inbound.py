@@ -23,19 +23,17 @@ import functools
 import logging
 import typing
 
-from cryptography import x509
-
 from kubemtls_sidecar import (
     certs,
     config,
     conns,
-    crl,
     logs,
     metrics,
     pipe,
     tlsconn,
     tlsstore,
 )
+from kubemtls_sidecar import der as derlib  # ``der`` is also Peer's field
 
 __all__ = ["Forwarder", "InboundListener", "Peer", "Refuse", "forward_tcp", "forwarder_for"]
 
@@ -44,18 +42,21 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class Peer:
-    """The authenticated peer: its address and leaf certificate (parsed on first use)."""
+    """The authenticated peer: its address and leaf certificate (parsed on first use).
+
+    Parsed by ``der`` (OpenSSL verified it): the sidecar never loads ``cryptography``.
+    """
 
     address: tuple[str, int] | None
     der: bytes
 
     @functools.cached_property
-    def cert(self) -> x509.Certificate:
-        return x509.load_der_x509_certificate(self.der)
+    def cert(self) -> derlib.Cert:
+        return derlib.parse(self.der)
 
     @functools.cached_property
     def facts(self) -> certs.CertFacts:
-        return certs.facts(self.cert)
+        return derlib.facts(self.cert)
 
 
 class Forwarder(typing.Protocol):
@@ -141,6 +142,7 @@ class InboundListener:
         self.cfg, self.store, self.metrics, self.tracker = cfg, store, m, tracker
         self.app_host, self.app_port = app_host, app_port
         self.forward = forwarder_for(cfg.protocol)
+        self._handshake_seconds = m.handshake_seconds.labels("inbound")  # bound once
 
     def protocol_factory(self) -> pipe.Endpoint:
         snap = self.store.current
@@ -162,8 +164,13 @@ class InboundListener:
         started = loop.time()
         try:
             try:
-                async with asyncio.timeout(cfg.handshake_timeout):
+                # A timer rather than asyncio.timeout (its context manager costs more than
+                # this per connection); it fails the wait with TimeoutError.
+                timer = loop.call_later(cfg.handshake_timeout, ep.timed_out)
+                try:
                     await ep.handshake
+                finally:
+                    timer.cancel()
             except TimeoutError:
                 m.connections.labels("inbound", "timeout").inc()
                 m.handshake_failures.labels("inbound", "none", "handshake_timeout").inc()
@@ -193,7 +200,7 @@ class InboundListener:
                     reason=f.reason,
                 )
                 return
-            m.handshake_seconds.labels("inbound").observe(loop.time() - started)
+            self._handshake_seconds.observe(loop.time() - started)
             der = ep.peer_certificate_der()
             assert der is not None
             peer = Peer(ep.peername, der)
@@ -206,7 +213,7 @@ class InboundListener:
     def _authorized(self, ep: tlsconn.TlsEndpoint, peer: Peer, snap: tlsstore.Snapshot) -> bool:
         alert = reason = None
         crls = snap.software_crl  # parse the peer's certificate only when needed
-        if crls is not None and crl.revoked(crls, peer.cert):
+        if crls is not None and crls.revoked(peer.cert):
             alert, reason = "certificate_revoked", "the peer's certificate is on its issuer's CRL"
         elif self.cfg.allowed_peers:
             ident = peer.facts.spiffe_id

@@ -10,6 +10,7 @@ plaintext past this point: if TLS fails, the app's bytes are dropped.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 from kubemtls_sidecar import alerts, config, conns, inbound, logs, metrics, pipe, tlsconn, tlsstore
@@ -17,6 +18,13 @@ from kubemtls_sidecar import alerts, config, conns, inbound, logs, metrics, pipe
 __all__ = ["OutboundListener", "connect_upstream"]
 
 logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=256)
+def _sni(host: str) -> bytes:
+    """The IDNA form of ``host``, encoded once (``ssl`` would run the idna codec on every
+    connection; given bytes it only decodes ASCII)."""
+    return host.encode("idna")
 
 
 async def connect_upstream(
@@ -37,7 +45,7 @@ async def connect_upstream(
     address = dict(cfg.resolve).get(host, host)
     async with asyncio.timeout(cfg.handshake_timeout):
         _, ep = await loop.create_connection(
-            lambda: tlsconn.TlsEndpoint(ctx, server_side=False, server_hostname=host),
+            lambda: tlsconn.TlsEndpoint(ctx, server_side=False, server_hostname=_sni(host)),
             address,
             port,
         )
@@ -65,6 +73,7 @@ class OutboundListener:
     ) -> None:
         self.cfg, self.store, self.metrics, self.tracker = cfg, store, m, tracker
         self.host, self.port = upstream_host, upstream_port
+        self._handshake_seconds = m.handshake_seconds.labels("outbound")  # bound once
 
     def protocol_factory(self) -> pipe.Endpoint:
         if self.tracker.full():
@@ -108,7 +117,7 @@ class OutboundListener:
                 )
                 app.close()  # FIN: the app sees the connection end
                 return
-            m.handshake_seconds.labels("outbound").observe(loop.time() - started)
+            self._handshake_seconds.observe(loop.time() - started)
             await conns.pump("outbound", upstream, app, self.cfg.idle_timeout, m)
             if upstream.failure is not None:  # TLS 1.3: refused after our side finished
                 _refused(m, where, upstream.failure, {})

@@ -6,7 +6,8 @@ kopf's ``_kits/webhooks.py``, we poll: every ``--reload-interval`` seconds we re
 files, compare SHA-256 digests with the last ones loaded, and feed the store on a change.
 SIGHUP calls the same ``reload()`` (one path, two triggers: ghostunnel ``signals.go``).
 Only digests stay here, never key bytes. A read that straddles a swap (new cert, old key)
-is read again until two reads agree.
+is read again until two reads agree. Comparing digests first matters: validating changed
+material starts a ``vet`` child (``tlsstore``), which unchanged files never do.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import hashlib
 import logging
 import pathlib
 
-from kubemtls_sidecar import config, contract, errors, logs, metrics, tlsstore
+from kubemtls_sidecar import config, contract, errors, logs, metrics, tlsstore, vetted
 
 __all__ = ["FileSource"]
 
@@ -45,6 +46,8 @@ class FileSource:
         self.watch_cert = watch_cert and cfg.cert_dir is not None
         self._trust_digest: bytes | None = None
         self._cert_digest: bytes | None = None
+        self._lock = asyncio.Lock()  # a SIGHUP during a poll's reload waits for it
+        self._pending: set[asyncio.Task[None]] = set()
 
     def _paths(self) -> list[pathlib.Path]:
         t = self.cfg.trust_dir
@@ -63,23 +66,42 @@ class FileSource:
             previous = current
         return previous
 
-    def load(self) -> None:
+    async def load(self) -> None:
         """First load, before any listener binds.
 
         Raises:
             ConfigError: a file is missing or its material is invalid.
         """
-        if not self._reload(initial=True):
-            raise errors.ConfigError(self._error)
+        async with self._lock:
+            if not await self._reload(initial=True):
+                raise errors.ConfigError(self._error)
 
-    def reload(self, trigger: str = "poll") -> None:
+    async def reload(self, trigger: str = "poll") -> None:
         """Re-read the files and swap in whatever changed and is valid."""
         logger.debug("checking files (%s)", trigger)
-        self._reload(initial=False, trigger=trigger)
+        async with self._lock:
+            await self._reload(initial=False, trigger=trigger)
+
+    def reload_soon(self, trigger: str) -> None:
+        """``reload`` from a signal handler (a task; errors logged, never raised)."""
+        task = asyncio.get_running_loop().create_task(self._guarded(trigger))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _guarded(self, trigger: str) -> None:
+        try:
+            await self.reload(trigger)
+        except Exception:  # a reload must never stop serving
+            logger.exception("reload failed")
 
     _error = ""
 
-    def _reload(self, *, initial: bool, trigger: str = "start") -> bool:
+    async def _reload(self, *, initial: bool, trigger: str = "start") -> bool:
+        # One vetting child (started only if something changed) for trust and certificate.
+        async with vetted.Session() as vs:
+            return await self._reload_with(vs, initial=initial, trigger=trigger)
+
+    async def _reload_with(self, vs: vetted.Session, *, initial: bool, trigger: str) -> bool:
         files = self._snapshot()
         ca, crl_pem = files[0], files[1]
         trust_digest = _digest(files[:2])
@@ -107,7 +129,9 @@ class FileSource:
                         trigger=trigger,
                         path=str(self.cfg.trust_dir / contract.TRUST_CRL_FILE),
                     )
-                if not self.store.update_trust(ca, crl_pem, source=f"file ({trigger})"):
+                if not await self.store.update_trust(
+                    ca, crl_pem, source=f"file ({trigger})", session=vs
+                ):
                     self._error = f"--trust-dir {self.cfg.trust_dir}: {self.store.last_error}"
                     ok = False
         if self.watch_cert and (ok or not initial):
@@ -126,7 +150,7 @@ class FileSource:
                     )
                     self.metrics.reload_failures.labels("cert", "FileNotFoundError").inc()
                     ok = False
-                elif self.store.update(chain, key, source=f"file ({trigger})"):
+                elif await self.store.update(chain, key, source=f"file ({trigger})", session=vs):
                     self._cert_digest = cert_digest
                 else:
                     self._error = f"--cert-dir {self.cfg.cert_dir}: {self.store.last_error}"
@@ -139,7 +163,7 @@ class FileSource:
         while True:
             await asyncio.sleep(self.cfg.reload_interval)
             try:
-                self.reload("poll")
+                await self.reload("poll")
                 self.store.refresh()
             except Exception:  # a reload must never stop serving
                 logger.exception("reload failed")

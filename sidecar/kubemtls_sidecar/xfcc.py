@@ -19,9 +19,7 @@ import base64
 import hashlib
 from collections.abc import Sequence
 
-from cryptography import x509
-
-from kubemtls_sidecar import certs
+from kubemtls_sidecar import der
 
 __all__ = ["SPOOFABLE", "client_cert", "client_cert_chain", "identity_headers", "xfcc"]
 
@@ -39,7 +37,7 @@ def _value(text: str, *, always_quote: bool = False) -> str:
 
 def xfcc(peer_der: bytes, *, by: str | None = None) -> str:
     """The XFCC element for the peer certificate ``peer_der`` (``by``: our own URI SAN)."""
-    facts = certs.facts(x509.load_der_x509_certificate(peer_der))
+    facts = der.facts(peer_der)
     parts = []
     if by:
         parts.append("By=" + _value(by))

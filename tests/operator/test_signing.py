@@ -120,6 +120,7 @@ def _tampered_csr() -> str:
         ("not-opted-in", 403, "PodNotOptedIn"),
         ("deleted-pod", 403, "PodNotFound"),
         ("deleted-pod-uncached", 401, "TokenInvalid"),
+        ("recreated-pod", 403, "PodUIDMismatch"),
     ],
 )
 async def test_bad_requests_get_the_documented_answer(
@@ -157,6 +158,17 @@ async def test_bad_requests_get_the_documented_answer(
         await api.delete("/api/v1/namespaces/default/pods/p")
     elif case == "deleted-pod-uncached":  # the API server itself invalidates the bound token
         await api.delete("/api/v1/namespaces/default/pods/p")
+    elif case == "recreated-pod":  # the review is cached; the index has a new pod of that name
+        assert (await sign(operator, ca_pem, token, body))[0] == 200
+        await api.delete("/api/v1/namespaces/default/pods/p")
+        new = await api.create_pod("p")
+        uid = new["metadata"]["uid"]
+
+        async def indexed() -> bool:  # its MTLSCert is made after the index saw the new pod
+            cert = await api.mtlscert("p")
+            return bool(cert and cert["spec"]["podUID"] == uid)
+
+        await _until(indexed)
     code, answer = await sign(operator, ca_pem, token, body, raw=raw)
     assert (code, answer.get("reason")) == (status, reason), answer
     assert answer["message"]

@@ -233,3 +233,54 @@ def log_fields(caplog: pytest.LogCaptureFixture, msg: str) -> list[dict[str, obj
 @pytest.fixture
 def now() -> datetime.datetime:
     return utcnow()
+
+
+# --- a sidecar as its own process: what it loads -----------------------------------------
+
+
+def cryptography_mapped(pid: int) -> list[str]:
+    """Files of ``cryptography`` mapped into process ``pid`` (its Rust core, if loaded)."""
+    maps = pathlib.Path(f"/proc/{pid}/maps").read_text()
+    return sorted({line.split()[-1] for line in maps.splitlines() if "cryptography" in line})
+
+
+async def admin_get(port: int, path: str) -> tuple[int, str]:
+    """(status, body) of ``GET path`` on an admin port; (0, "") while nothing listens."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return 0, ""
+    writer.write(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+    raw = await reader.read()
+    writer.close()
+    head, _, body = raw.decode(errors="replace").partition("\r\n\r\n")
+    return (int(head.split()[1]) if head.startswith("HTTP/") else 0), body
+
+
+@contextlib.asynccontextmanager
+async def sidecar_process(
+    args: Sequence[str], admin: int
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``python -m kubemtls_sidecar ARGS --admin-port ADMIN``, ready; SIGTERM, exit 0 at the end."""
+    proc = await asyncio.create_subprocess_exec(
+        *SIDECAR, *args, "--admin-port", str(admin), "--admin-address", "127.0.0.1",
+        cwd=REPO, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        while (await admin_get(admin, "/readyz"))[0] != 200:
+            assert proc.returncode is None, "the sidecar exited"
+            assert asyncio.get_running_loop().time() < deadline, "the sidecar never got ready"
+            await asyncio.sleep(0.05)
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        try:
+            code = await asyncio.wait_for(proc.wait(), 15)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            assert proc.stderr is not None
+            print((await proc.stderr.read()).decode())  # shown when the test fails
+        assert code == 0

@@ -20,6 +20,7 @@ import pathlib
 import ssl
 from collections.abc import AsyncIterator
 
+import dataplane
 import pytest
 from aiohttp import web
 from cryptography import x509
@@ -323,9 +324,11 @@ async def test_revocation_applies_the_crl_and_rekeys(
     async with sidecar(signer.url, tmp_path, test_pki, poll=0.2) as sc:
         await eventually(sc.store.ready)
         first = signer.signer.issued[-1]
-        await eventually(lambda: signer.signer.not_modified >= 1, timeout=5)  # ETag → 304
+        # Each changed trust answer and each re-key starts a vetting child (~0.2 s CPU;
+        # seconds on a busy CI machine): hence 15 s, not 5.
+        await eventually(lambda: signer.signer.not_modified >= 1, timeout=15)  # ETag → 304
         signer.signer.revoked.append(first)
-        await eventually(lambda: sc.serial() != format(first.serial_number, "x"), timeout=5)
+        await eventually(lambda: sc.serial() != format(first.serial_number, "x"), timeout=15)
         snap = sc.store.current
         assert snap is not None
         assert snap.crls is not None
@@ -373,3 +376,21 @@ async def test_the_signer_hostname_is_verified(
             assert served.signer.tokens_seen == []
     finally:
         await served.runner.cleanup()
+
+
+async def test_signer_mode_never_loads_cryptography(
+    signer: Served, test_pki: TestPKI, tmp_path: pathlib.Path
+) -> None:
+    """The key, the CSR and the vetting of each certificate come from the ``vet`` child."""
+    signer.signer.lifetime = datetime.timedelta(seconds=30)
+    signer.signer.renew_after = datetime.timedelta(seconds=2)
+    trust_dir = test_pki.trust_dir(tmp_path / "trust")
+    token = write_token(tmp_path / "tok", "token-1")
+    args = [
+        "--signer", signer.url, "--token-file", str(token), "--trust-dir", str(trust_dir),
+        "--trust-poll-interval", "0.2", "--inbound", f"{dataplane.free_port()}:127.0.0.1:9",
+        "--listen-address", "127.0.0.1",
+    ]  # fmt: skip
+    async with dataplane.sidecar_process(args, dataplane.free_port()) as proc:
+        await eventually(lambda: len(signer.signer.issued) >= 2, timeout=15)  # a renewal
+        assert dataplane.cryptography_mapped(proc.pid) == []

@@ -45,6 +45,7 @@ from kubemtls_operator.emu.base import (
     qual,
     version_key,
 )
+from kubemtls_operator.emu import patching
 from kubemtls_operator.emu.patching import merge_patch, strategic_merge_patch
 from kubemtls_operator.emu.protobuf import PB_KINDS, decode_k8s_protobuf
 from kubemtls_operator.emu.reviews import ReviewsMixin
@@ -73,6 +74,7 @@ class Emulator(
         self.verbose = False
         self.columns: dict[kmock.resource, list[dict]] = {}  # CRD printer columns per resource
         self.crd_status_resources: set[kmock.resource] = set()
+        self._known: dict[kmock.resource, kmock.ResourceInfo] = {}  # info()'s memory
         self.watchers: dict[kmock.resource, set[asyncio.Queue]] = collections.defaultdict(set)
         self.events: dict[kmock.resource, collections.deque] = collections.defaultdict(
             lambda: collections.deque(maxlen=EVENT_LOG_SIZE)
@@ -93,7 +95,16 @@ class Emulator(
         return str(self.rv)
 
     def info(self, res: kmock.resource) -> kmock.ResourceInfo | None:
-        return self._resources[res] if res in self._resources else None
+        # kmock's own lookup parses the key on every call: known resources are remembered
+        # (register_crd / unregister_crd drop the memory).
+        try:
+            return self._known[res]
+        except KeyError:
+            pass
+        info = self._resources[res] if res in self._resources else None
+        if info is not None:
+            self._known[res] = info
+        return info
 
     def kind_of(self, res: kmock.resource) -> str:
         info = self.info(res)
@@ -124,12 +135,12 @@ class Emulator(
             cur.create(obj)
             if len(cur.history) > 20:
                 del cur.history[:-10]
-        self.emit(res, etype, copy.deepcopy(obj))
+        self.emit(res, etype, patching.jcopy(obj))
 
     def remove(self, res: kmock.resource, ns: str | None, name: str) -> dict:
         """Final deletion: a DELETED event, then GC of dependents and of a CRD's resources."""
         cur = self.store[(res, ns, name)]
-        obj = copy.deepcopy(cur.raw)
+        obj = patching.jcopy(cur.raw)
         obj.setdefault("metadata", {})["resourceVersion"] = self.next_rv()
         cur.delete()
         self.emit(res, "DELETED", obj)
@@ -219,6 +230,7 @@ class Emulator(
                 for s in ("status", "scale")
                 if s in (v.get("subresources") or spec.get("subresources") or {})
             }
+            self._known.clear()
             self._resources[res] = kmock.ResourceInfo(
                 kind=kind,
                 singular=names.get("singular") or kind.lower(),
@@ -249,6 +261,7 @@ class Emulator(
             for (r, n, nm), o in list(self.store.items()):
                 if r == res and not o.deleted:
                     self.remove(r, n, nm)
+            self._known.clear()
             if res in self._resources:
                 del self._resources[res]
             self.columns.pop(res, None)
@@ -398,7 +411,7 @@ class Emulator(
         if subresource == "status" and not has_status:
             raise _err(404, "NotFound", "the server could not find the requested resource")
         if subresource == "status":
-            new = {**copy.deepcopy(old), "status": new.get("status")}
+            new = {**patching.jcopy(old), "status": new.get("status")}
             if new["status"] is None:
                 del new["status"]
         elif subresource not in (None, ""):
@@ -407,7 +420,7 @@ class Emulator(
             )
         elif has_status:  # the main resource ignores .status when a status subresource exists
             if "status" in old:
-                new["status"] = copy.deepcopy(old["status"])
+                new["status"] = patching.jcopy(old["status"])
             else:
                 new.pop("status", None)
         meta, old_meta = new.setdefault("metadata", {}), old.get("metadata", {})
@@ -631,7 +644,7 @@ class Emulator(
                 if ctype == "application/json-patch+json":
                     if not isinstance(body, list):
                         raise bad_request("a JSON patch must be a list of operations")
-                    new = jsonpatch.apply_patch(copy.deepcopy(old), body)
+                    new = jsonpatch.apply_patch(patching.jcopy(old), body)
                 elif ctype in (
                     "application/merge-patch+json",
                     "application/strategic-merge-patch+json",
@@ -746,7 +759,7 @@ class Emulator(
         async with self._lock:  # snapshot and subscribe atomically: no event is lost or doubled
             if since in ("", "0"):
                 initial = [
-                    {"type": "ADDED", "object": copy.deepcopy(o.raw)}
+                    {"type": "ADDED", "object": patching.jcopy(o.raw)}
                     for (r, _, _), o in self.store.items()
                     if r == res and not o.deleted
                 ]

@@ -14,7 +14,7 @@ from typing import Any
 
 import kopf
 
-from kubemtls_operator import admissionserver, config, kube, wiring
+from kubemtls_operator import admissionserver, config, kopfsettings, kube, wiring
 
 __all__ = ["operator_cleanup", "operator_login", "operator_startup"]
 
@@ -43,6 +43,7 @@ async def operator_startup(
     # Bursts of pods: bound the per-object workers kopf keeps (memory), and let idle ones go.
     settings.queueing.worker_limit = 256
     settings.queueing.idle_timeout = 1.0
+    kopfsettings.apply(settings)  # cheaper per-event processing (see the module)
     client = kube.Client.from_login(settings)
     rt = await wiring.start(
         cfg, pods=kwargs["pod_index"], certs=kwargs["mtlscert_index"], client=client
@@ -58,8 +59,14 @@ async def operator_startup(
     )
     if cfg.webhook_managed:
         settings.admission.managed = cfg.webhook_config
+    peering = (
+        f"peering {cfg.peering!r} with priority {settings.peering.priority}"
+        if cfg.peering
+        else "standalone"
+    )
     logger.info(
-        f"kubemtls operator started (signer on :{cfg.signer_port}, webhook on :{cfg.webhook_port})"
+        f"kubemtls operator started (signer on :{cfg.signer_port}, webhook on "
+        f":{cfg.webhook_port}, {peering})"
     )
 
 

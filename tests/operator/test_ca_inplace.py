@@ -1,0 +1,266 @@
+"""A CA replaced in place (cert-manager rewrites tls.crt/tls.key): a rollover, not an outage.
+
+Real kopf against the emulated API: the old CA stays in the Secret's ``ca.crt`` and in
+every trust ConfigMap (with its CRL) while a leaf it signed lives, that leaf still passes
+``openssl verify`` against the published bundle, new leaves come from the new CA, and the
+old CA retires once its leaves are renewed — across a restart, and when no replica held
+the old key. The same key with a new certificate needs none of it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import pathlib
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from kubemtls_operator import pki, revocation, rollover
+from kubemtls_sidecar import certs, contract
+from operatorkit import NAMESPACE, Api, _until, make_csr, openssl_verify, sign
+from operatorkit import trust as trust_api
+from testkit import utcnow
+
+SECRET = f"/api/v1/namespaces/{NAMESPACE}/secrets/kubemtls-ca"
+STATE = f"/api/v1/namespaces/{NAMESPACE}/configmaps/{contract.STATE_CONFIGMAP}"
+EVENTS = f"/api/v1/namespaces/{NAMESPACE}/events"
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode()
+
+
+def _pem(secret: dict[str, Any], key: str) -> str:
+    import base64
+
+    return base64.b64decode(secret["data"][key]).decode()
+
+
+def _anchors(pem: str) -> set[str]:
+    return {certs.fingerprint_sha256(c) for c in x509.load_pem_x509_certificates(pem.encode())}
+
+
+def _issuer(chain: str) -> x509.Name:
+    return x509.load_pem_x509_certificates(chain.encode())[0].issuer
+
+
+async def _put_ca(api: Api, ca: pki.CA) -> None:
+    data = {"tls.crt": _b64(pki.cert_pem(ca.cert)), "tls.key": _b64(pki.key_pem(ca.key))}
+    body = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "kubemtls-ca"}, "data": data}
+    await api.post(f"/api/v1/namespaces/{NAMESPACE}/secrets", body)
+
+
+async def _replace_in_place(api: Api, cert: x509.Certificate, key: Any = None) -> None:
+    """What cert-manager does on renewal: tls.crt (and tls.key) rewritten, nothing else."""
+    data = {"tls.crt": _b64(pki.cert_pem(cert))}
+    if key is not None:
+        data["tls.key"] = _b64(pki.key_pem(key))
+    await api.patch(SECRET, {"data": data})
+
+
+async def _recorded(api: Api, ca: pki.CA) -> Any:
+    cm = await api.get_or_none(STATE)
+    if cm is None:
+        return None
+    ro = json.loads(cm["data"]["state.json"])["rollover"]
+    return ro.get("signingFingerprint") == certs.fingerprint_sha256(ca.cert)
+
+
+async def _issued_leaf(api: Api, handle: Any, pod: str) -> tuple[str, str]:
+    """A leaf for ``pod`` (chain PEM) once its MTLSCert records it; and the pod's token."""
+    await api.create_pod(pod)
+    token = await api.token_for(pod)
+    bundle = (await _until(lambda: api.trust()))["data"]["ca.crt"]
+    code, body = await sign(handle, bundle, token, {"csr": make_csr()[1]})
+    assert code == 200, body
+    return body["certificateChain"], token
+
+
+async def _reasons(api: Api) -> dict[str, str]:
+    return {e["reason"]: e["message"] for e in (await api.get(EVENTS))["items"]}
+
+
+async def test_a_ca_replaced_in_place_stays_trusted_until_its_leaves_are_renewed(
+    api: Api, start_operator: Any, tmp_path: pathlib.Path
+) -> None:
+    old = pki.bootstrap_ca(now=utcnow(), common_name="in-place old root")
+    new = pki.bootstrap_ca(now=utcnow(), common_name="in-place new root")
+    fp_old, fp_new = certs.fingerprint_sha256(old.cert), certs.fingerprint_sha256(new.cert)
+    await _put_ca(api, old)
+    first = await start_operator()
+    chain, token = await _issued_leaf(api, first, "app-0")
+    await _until(lambda: _recorded(api, old))
+    await _until(lambda: _phase(api, "app-0", "Issued"))
+
+    await _replace_in_place(api, new.cert, new.key)
+
+    async def both_trusted() -> Any:
+        secret, trust = await api.get(SECRET), await api.trust()
+        return (
+            _anchors(trust["data"]["ca.crt"]) == {fp_old, fp_new}
+            and _anchors(_pem(secret, "ca.crt")) == {fp_old, fp_new}
+            and "prev.key" in secret["data"]
+            and trust["data"]["crl.pem"].count("BEGIN X509 CRL") == 2
+        )
+
+    await _until(both_trusted)
+    trust_now = (await api.trust())["data"]
+    # The old CA's leaf still verifies against what peers are given, CRLs included.
+    done = openssl_verify(tmp_path, trust_now["ca.crt"], chain, trust_now["crl.pem"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    message = (await _reasons(api))["CAReplaced"]
+    assert "signed before it was published" in message
+    assert "30 s" in message
+    assert "in-place old root" in message
+    # The MTLSCert shows the rollover; the pod is told to renew soon.
+    cond = await _until(lambda: _condition(api, "app-0", "Expiring", "CARollover"))
+    assert "being retired" in cond["message"]
+    code, answer, _ = await trust_api(first, trust_now["ca.crt"], token)
+    assert code == 200
+    renew_at = revocation.parse_time(answer["renewAt"])
+    assert renew_at is not None
+    assert renew_at <= utcnow() + datetime.timedelta(minutes=10)
+
+    # A restart in between converges: the old CA is still kept.
+    await first.stop()
+    second = await start_operator()
+    assert _anchors((await api.trust())["data"]["ca.crt"]) == {fp_old, fp_new}
+    assert "prev.crt" in (await api.get(SECRET))["data"]
+    # New (renewed) leaves come from the new CA and verify against the bundle.
+    bundle = (await api.trust())["data"]["ca.crt"]
+    code, body = await sign(second, bundle, token, {"csr": make_csr()[1]})
+    assert code == 200
+    assert _issuer(body["certificateChain"]) == new.cert.subject
+    done = openssl_verify(tmp_path, bundle, body["certificateChain"])
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    # app-0 was the old CA's only live leaf: once it is renewed, the old CA retires.
+    async def retired() -> Any:
+        secret, trust = await api.get(SECRET), await api.trust()
+        return (
+            _anchors(trust["data"]["ca.crt"]) == {fp_new}
+            and "prev.crt" not in secret["data"]
+            and trust["data"]["crl.pem"].count("BEGIN X509 CRL") == 1
+        )
+
+    await _until(retired, timeout=15)
+    assert "CARetired" in await _reasons(api)
+
+
+async def test_a_replacement_while_no_replica_ran_keeps_the_old_ca_without_its_key(
+    api: Api, start_operator: Any, tmp_path: pathlib.Path
+) -> None:
+    old = pki.bootstrap_ca(now=utcnow(), common_name="keyless old root")
+    new = pki.bootstrap_ca(now=utcnow(), common_name="keyless new root")
+    fp_old, fp_new = certs.fingerprint_sha256(old.cert), certs.fingerprint_sha256(new.cert)
+    await _put_ca(api, old)
+    first = await start_operator()
+    chain, _ = await _issued_leaf(api, first, "app-1")
+    await _until(lambda: _recorded(api, old))
+    await first.stop()
+    await _replace_in_place(api, new.cert, new.key)  # the old key is gone for good
+    await start_operator()
+
+    async def kept() -> Any:
+        secret, trust = await api.get(SECRET), await api.trust()
+        return (
+            _anchors(trust["data"]["ca.crt"]) == {fp_old, fp_new}
+            and "prev.crt" in secret["data"]
+            and "prev.key" not in secret["data"]
+        )
+
+    await _until(kept)
+    trust = (await api.trust())["data"]
+    # Its last CRL (signed while the key was held) is carried over, so CRL checking holds.
+    done = openssl_verify(tmp_path, trust["ca.crt"], chain, trust["crl.pem"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    message = (await _reasons(api))["CAPreviousKeyUnavailable"]
+    assert "can no longer be revoked" in message
+    assert "goes stale at" in message
+
+
+async def test_the_same_key_with_a_new_certificate_needs_no_rollover(
+    api: Api, start_operator: Any, tmp_path: pathlib.Path
+) -> None:
+    old = pki.bootstrap_ca(now=utcnow(), common_name="same-key root")
+    now = utcnow()
+    renewed = (  # cert-manager rotationPolicy: Never — same key and subject, new certificate
+        x509.CertificateBuilder()
+        .subject_name(old.cert.subject)
+        .issuer_name(old.cert.subject)
+        .public_key(old.key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=400))
+    )
+    for ext in old.cert.extensions:
+        renewed = renewed.add_extension(ext.value, ext.critical)
+    cert = renewed.sign(old.key, hashes.SHA256())
+    await _put_ca(api, old)
+    handle = await start_operator()
+    chain, _ = await _issued_leaf(api, handle, "app-2")
+    await _until(lambda: _recorded(api, old))
+    await _replace_in_place(api, cert)
+
+    async def renewed_only() -> Any:
+        trust = await api.trust()
+        reasons = await _reasons(api)
+        return "CARenewed" in reasons and _anchors(trust["data"]["ca.crt"]) == {
+            certs.fingerprint_sha256(cert)
+        }
+
+    await _until(renewed_only)
+    secret = await api.get(SECRET)
+    assert "prev.crt" not in secret["data"]
+    assert "CAReplaced" not in await _reasons(api)
+    trust = (await api.trust())["data"]
+    done = openssl_verify(tmp_path, trust["ca.crt"], chain, trust["crl.pem"])
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_renewed_intermediate_with_the_same_name_retires_by_time_not_by_issuer_name() -> None:
+    """cert-manager keeps the subject: old and new leaves share the issuer DN."""
+    now = utcnow()
+    root = pki.bootstrap_ca(now=now, common_name="corp root")
+    old = pki.issue_intermediate_ca(
+        root, now=now, common_name="kubemtls", lifetime=datetime.timedelta(days=90)
+    )
+    new = pki.issue_intermediate_ca(
+        root, now=now, common_name="kubemtls", lifetime=datetime.timedelta(days=90)
+    )
+    recorded = revocation.Rollover(
+        signing_fingerprint=certs.fingerprint_sha256(old.cert),
+        signing_pem=pki.cert_pem(old.cert, *old.chain).decode(),
+    )
+    replaced = rollover.Authority(new, None, None, revocation.State(rollover=recorded))
+    live = frozenset({"CN=kubemtls,O=kubemtls"})
+    grace, life = datetime.timedelta(hours=1), datetime.timedelta(hours=720)
+    step = rollover.plan(replaced, now=now, grace=grace, live_issuers=live, max_leaf_life=life)
+    assert step.action == "replace"
+    retiring = rollover.Authority(
+        new,
+        None,
+        old,
+        revocation.State(rollover=revocation.Rollover(activated_at=now)),
+    )
+    assert not retiring.is_retiring_issuer(new.cert.subject.rfc4514_string())
+    assert retiring.bundle_pem == pki.trust_bundle([root.cert])
+    assert rollover.plan(retiring, now=now, grace=grace, live_issuers=live).action == "none"
+    later = now + life
+    assert rollover.plan(retiring, now=later, grace=grace, live_issuers=live).action == "retire"
+
+
+async def _phase(api: Api, name: str, phase: str) -> Any:
+    cert = await api.mtlscert(name)
+    return cert if cert and (cert.get("status") or {}).get("phase") == phase else None
+
+
+async def _condition(api: Api, name: str, type_: str, reason: str) -> Any:
+    cert = await api.mtlscert(name)
+    for c in ((cert or {}).get("status") or {}).get("conditions") or ():
+        if c["type"] == type_ and c["reason"] == reason:
+            return c
+    return None
