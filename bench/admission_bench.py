@@ -235,7 +235,9 @@ def load_wrk(
     cpu, gen = cpu_seconds(pid) - cpu0, _rusage(resource.RUSAGE_CHILDREN) - gen0
     line = next(x for x in out.splitlines() if x.startswith("WRK_RESULT"))
     n, duration_us, errors, non2xx, p50, p99, top = (int(x) for x in line.split()[1:])
-    return _figures(n, errors + non2xx, duration_us / 1e6, p50 / 1e6, p99 / 1e6, top / 1e6, cpu, gen)
+    return _figures(
+        n, errors + non2xx, duration_us / 1e6, p50 / 1e6, p99 / 1e6, top / 1e6, cpu, gen
+    )
 
 
 def _rusage(who: int) -> float:

@@ -3,6 +3,8 @@
 #
 #   sh bench/sidecar_bench.sh            # full run (3 rounds, several minutes)
 #   sh bench/sidecar_bench.sh --quick    # smoke run (~1-2 min)
+#   REF_TREE=/tmp/ref/sidecar PEERS=haproxy sh bench/sidecar_bench.sh --no-direct \
+#       --workloads rr_c32,conn_c1,conn_c16 --rounds 3    # CPU per op, before vs after
 #
 # Extra arguments go to peers.py. Results: bench/out/sidecar-<UTC time>.{json,md}.
 # Quote the sidecar as ratios to HAProxy from the SAME run (the machine is shared).
@@ -24,6 +26,15 @@ COMMON="--admin-address 127.0.0.1 --log-format json --log-level warning --tls-mi
 
 CLIENT="mkdir -p {workdir}/c {workdir}/t && ln -sf {client_cert} {workdir}/c/tls.crt && ln -sf {client_key} {workdir}/c/tls.key && ln -sf {ca} {workdir}/t/ca.crt && OPENSSL_CONF={openssl_conf} exec $SIDECAR --cert-dir {workdir}/c --trust-dir {workdir}/t --outbound {client_port}={server_name}:{server_port} --resolve {server_name}={host} --admin-port 0 $COMMON"
 SERVER="mkdir -p {workdir}/c {workdir}/t && ln -sf {server_cert} {workdir}/c/tls.crt && ln -sf {server_key} {workdir}/c/tls.key && ln -sf {ca} {workdir}/t/ca.crt && OPENSSL_CONF={openssl_conf} exec $SIDECAR --cert-dir {workdir}/c --trust-dir {workdir}/t --inbound {server_port}:{host}:{backend_port} --listen-address {host} --admin-port 0 $COMMON"
+
+# REF_TREE=DIR adds a second pair, "kubemtls-ref", running the sidecar package found in DIR
+# (PYTHONPATH=DIR; e.g. `git archive REV sidecar | tar -x -C /tmp/ref` → REF_TREE=/tmp/ref/sidecar):
+# before/after figures from the same run, interleaved with the other peers.
+if [ -n "${REF_TREE:-}" ]; then
+    REFPP="PYTHONPATH=$REF_TREE OPENSSL_CONF="
+    set -- --plugin kubemtls-ref "$(echo "$CLIENT" | sed "s|OPENSSL_CONF=|$REFPP|")" \
+        "$(echo "$SERVER" | sed "s|OPENSSL_CONF=|$REFPP|")" "$@"
+fi
 
 exec python3 "$HARNESS" --peers "${PEERS:-haproxy,nginx,stunnel}" \
     --plugin kubemtls "$CLIENT" "$SERVER" \

@@ -184,6 +184,11 @@ def pod_body(name: str) -> dict[str, Any]:
 
 async def create_pod_and_token(s: aiohttp.ClientSession, base: str, name: str) -> str:
     await api(s, base, "POST", f"/api/v1/namespaces/{NS}/pods", pod_body(name))
+    return await mint_token(s, base, name)
+
+
+async def mint_token(s: aiohttp.ClientSession, base: str, name: str) -> str:
+    """A new bound token for pod ``name`` (TokenRequest), as kubelet refreshes them."""
     tr = {
         "apiVersion": "authentication.k8s.io/v1",
         "kind": "TokenRequest",
@@ -217,8 +222,11 @@ def profilers(
     spy = pathlib.Path(PY).with_name("py-spy")
     return [
         subprocess.Popen(
-            [str(spy), "record", "--pid", str(pid), "-r", "200", "--format", "raw", "--nonblocking"]
-            + ["-d", str(max(1, int(seconds))), "-o", str(out / f"{who}-{tag}.txt")],
+            [
+                *(str(spy), "record", "--pid", str(pid), "-r", "200", "--format", "raw"),
+                *("--nonblocking", "-d", str(max(1, int(seconds)))),
+                *("-o", str(out / f"{who}-{tag}.txt")),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -233,11 +241,28 @@ async def throughput(
     seconds: float,
     rate: float = 0.0,
     profile: pathlib.Path | None = None,
+    fresh_tokens: int = 0,
 ) -> dict[str, Any]:
-    """Closed loop (each client asks again at once) or, with ``rate``, paced in total."""
+    """Closed loop (each client asks again at once) or, with ``rate``, paced in total.
+
+    ``fresh_tokens``: each client also gets that many new tokens for its pod and uses each
+    for one request only (every TokenReview a cache miss); it stops when they run out.
+    """
+    tag = "miss" if fresh_tokens else str(int(rate))
     tokens = await asyncio.gather(
-        *(create_pod_and_token(s, cl.url, f"tp{int(rate)}-{i}") for i in range(clients))
+        *(create_pod_and_token(s, cl.url, f"tp{tag}-{i}") for i in range(clients))
     )
+    sem = asyncio.Semaphore(64)
+
+    async def pool(i: int) -> list[str]:
+        async def one() -> str:
+            async with sem:
+                return await mint_token(s, cl.url, f"tp{tag}-{i}")
+
+        return list(await asyncio.gather(*(one() for _ in range(fresh_tokens))))
+
+    pools = await asyncio.gather(*(pool(i) for i in range(clients)))
+    measuring = False
     ctx = await trust_ctx(s, cl.url)
     csrs = [json.dumps({"csr": csr_pem()}).encode() for _ in range(clients)]
     lat: list[float] = []
@@ -250,6 +275,10 @@ async def throughput(
             gap = clients / rate if rate > 0 else 0.0
             next_at = time.perf_counter() + random.random() * gap
             while time.perf_counter() < stop_at:
+                if measuring and fresh_tokens:
+                    if not pools[i]:
+                        return
+                    headers["Authorization"] = f"Bearer {pools[i].pop()}"
                 if gap:
                     await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
                     next_at += gap
@@ -266,7 +295,10 @@ async def throughput(
     # warm up (TLS handshakes, token reviews), then measure
     await asyncio.gather(*(client(i, time.perf_counter() + 1.0) for i in range(clients)))
     lat.clear()
-    spies = profilers(cl, profile, seconds, f"{'closed' if not rate else int(rate)}")
+    measuring = True
+    spies = profilers(
+        cl, profile, seconds, "miss" if fresh_tokens else "closed" if not rate else tag
+    )
     cpu0, emu0 = cpu_seconds(cl.operator_pid), cpu_seconds(cl.emulator_pid)
     t0 = time.perf_counter()
     await asyncio.gather(*(client(i, t0 + seconds) for i in range(clients)))
@@ -280,6 +312,7 @@ async def throughput(
     return {
         "clients": clients,
         "offered_rate": rate or "closed loop",
+        "token_reviews": "every request (cache miss)" if fresh_tokens else "cached",
         "seconds": round(elapsed, 2),
         "issued": len(lat),
         "certs_per_s": round(len(lat) / elapsed, 1),
@@ -390,6 +423,17 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                         cl, s, args.clients, args.seconds, profile=args.profile
                     )
                     print(json.dumps(out["throughput"]), flush=True)
+                    if args.token_miss:
+                        per_client = max(1, int(args.seconds * args.token_miss / args.clients))
+                        out["token_miss"] = await throughput(
+                            cl,
+                            s,
+                            args.clients,
+                            args.seconds,
+                            profile=args.profile,
+                            fresh_tokens=per_client,
+                        )
+                        print(json.dumps(out["token_miss"]), flush=True)
                     if args.rate > 0:
                         out["paced"] = await throughput(
                             cl, s, args.clients, args.seconds, args.rate
@@ -415,6 +459,14 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=200.0, help="also a paced run (certs/s)")
     ap.add_argument("--pods", type=int, default=1000)
     ap.add_argument("--rss-certs", type=int, default=10000)
+    ap.add_argument(
+        "--token-miss",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="also a closed loop in which every request brings a new token (TokenReview cache "
+        "miss); RATE bounds the tokens minted beforehand (RATE x seconds in all), e.g. 400",
+    )
     ap.add_argument(
         "--profile", type=pathlib.Path, help="py-spy raw profiles of the closed loop into DIR"
     )

@@ -9,9 +9,10 @@ extras=${1:-dev}
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 # Debian packages: openssl (tests check our PKI with it), iproute2 + iptables (network
-# namespaces stand in for pods; transparent mode), procps (process cleanup).
+# namespaces stand in for pods; transparent mode), procps (process cleanup), wrk (the load
+# generator of bench/admission_bench.py).
 need=()
-for pair in openssl:openssl ip:iproute2 iptables:iptables pkill:procps; do
+for pair in openssl:openssl ip:iproute2 iptables:iptables pkill:procps wrk:wrk; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -321,7 +321,7 @@ class Manager:
         ):
             return False  # the MTLSCert index was not filled yet (just started): not yet
         if step.action == "retire":
-            remaining = pki.trust_bundle(c.anchor for c in (auth.signing, auth.next) if c)
+            remaining = rollover.trust_bundle((auth.signing, auth.next))
             await self._patch_secret(
                 secret_rv,
                 {

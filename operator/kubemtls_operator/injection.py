@@ -22,8 +22,8 @@ from kubemtls_operator import annotations, sidecarspec
 
 __all__ = [
     "REASONS",
-    "Decision",
     "Additions",
+    "Decision",
     "InjectionSettings",
     "additions",
     "decide",
@@ -209,9 +209,7 @@ def _parse(
     StatefulSet) carries the same ones, so the webhook parses a pod template's annotations
     once and not per pod.
     """
-    key = tuple(
-        (k, v) for k, v in merged.items() if k.startswith(contract.ANNOTATION_PREFIX)
-    )
+    key = tuple((k, v) for k, v in merged.items() if k.startswith(contract.ANNOTATION_PREFIX))
     try:
         return _parse_cached(key, namespace, limits)
     except TypeError:  # an unhashable value (a JSON list or object): not a valid annotation

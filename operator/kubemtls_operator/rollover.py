@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from cryptography import x509
 from kubemtls_sidecar import certs
@@ -37,6 +37,7 @@ __all__ = [
     "recorded_signing",
     "replacement",
     "same_key",
+    "trust_bundle",
 ]
 
 
@@ -71,8 +72,8 @@ class Authority:
 
     @property
     def bundle_pem(self) -> bytes:
-        anchors = [ca.anchor for ca in (self.signing, self.next) if ca is not None]
-        return pki.trust_bundle([*anchors, *self.retiring[-1:]])
+        """``ca.crt``: every trusted CA (see :func:`trust_bundle`)."""
+        return trust_bundle((self.signing, self.next), self.retiring)
 
     @property
     def retiring_dn(self) -> str:
@@ -110,6 +111,24 @@ class Authority:
 
     def is_revoked(self, serial_hex: str) -> bool:
         return serial_hex in self.state.revoked_serials
+
+
+def trust_bundle(
+    cas: Iterable[pki.CA | None], retiring: tuple[x509.Certificate, ...] = ()
+) -> bytes:
+    """The trust bundle: the anchors first, then every intermediate below them.
+
+    ``cas``: the signing and next CAs; ``retiring``: the retiring CA and its chain, as
+    ``prev.crt`` holds them. The anchors (a root when the Secret carries it) are what peers
+    trust; the intermediates are the CAs that sign leaves and CRLs, listed so that a
+    relying party keeps each CRL for a CA of its bundle (docs/revocation.md: only a CA
+    that signs leaves needs a CRL). OpenSSL treats a non-self-signed certificate of the
+    bundle as a store certificate: a verifier without ``PARTIAL_CHAIN`` still needs the root.
+    """
+    present = [ca for ca in cas if ca is not None]
+    anchors = [ca.anchor for ca in present] + list(retiring[-1:])
+    below = [c for ca in present for c in ca.intermediates] + list(retiring[:-1])
+    return pki.trust_bundle([*anchors, *below])
 
 
 def _load(

@@ -5,10 +5,13 @@ a sidecar applies the newest CRL number per issuer, whichever way it arrived (fi
 ``/v1/trust``); a missing or stale CRL must never turn into "every peer refused". OpenSSL's
 ``VERIFY_CRL_CHECK_LEAF`` refuses every peer of an issuer without a CRL and answers a stale
 one with ``certificate_expired``, so ``tlsstore`` hands OpenSSL the CRLs only when every
-CA has a fresh one, and otherwise checks revocation itself after the handshake, with the
-CRLs it has. The sidecar runs ``merge`` in its ``vet`` child (the long-running process
-never loads ``cryptography``) and keeps the result as ``vetted.CrlState``, whose
-``fresh``/``revoked`` mirror the ones here.
+CA that signs leaves has a fresh one, and otherwise checks revocation itself after the
+handshake, with the CRLs it has. A CA of the bundle that issued another CA of the bundle
+(a root above the operator's intermediate, whose key the operator does not hold) needs no
+CRL: ``VERIFY_CRL_CHECK_LEAF`` consults only the CRL of the leaf's issuer. The sidecar
+runs ``merge`` in its ``vet`` child (the long-running process never loads
+``cryptography``) and keeps the result as ``vetted.CrlState``, whose ``fresh``/``revoked``
+mirror the ones here.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import hashlib
 import re
 from collections.abc import Iterable, Mapping
 
-from cryptography import x509
+from cryptography import exceptions, x509
 from cryptography.hazmat.primitives import serialization
 
 __all__ = ["CrlSet", "ca_key", "issuer_label", "load_crls", "merge", "revoked"]
@@ -59,10 +62,10 @@ class CrlSet:
     """
 
     by_issuer: Mapping[bytes, x509.CertificateRevocationList]
-    missing: tuple[x509.Name, ...]  # trusted CAs with no CRL
+    missing: tuple[x509.Name, ...]  # trusted CAs that sign leaves, with no CRL
 
     def fresh(self, now: datetime.datetime) -> bool:
-        """True when every CA has a CRL that is current: OpenSSL may enforce them."""
+        """True when every CA that signs leaves has a current CRL: OpenSSL may enforce them."""
         return not self.missing and all(_current(c, now) for c in self.by_issuer.values())
 
     def fresh_until(self) -> datetime.datetime | None:
@@ -95,9 +98,12 @@ def merge(
     """Keep, per trusted CA, the CRL with the highest number that the CA really signed.
 
     CRLs of CAs no longer trusted are dropped; a CRL whose signature does not verify with
-    its issuer's key is ignored.
+    its issuer's key is ignored. Only a CA that signs leaves needs a CRL: a CA that issued
+    another CA of the bundle (an enterprise root above the operator's intermediate, whose
+    key the operator does not hold) is never ``missing`` (docs/revocation.md).
     """
     by_key = {ca_key(ca): ca for ca in cas}
+    above = _issuers_of_cas(by_key)
     best = {k: v for k, v in known.items() if k in by_key}
     for c in new:
         for key, ca in by_key.items():
@@ -107,8 +113,24 @@ def merge(
             if old is None or crl_number(c) >= crl_number(old):
                 best[key] = c
             break
-    missing = tuple(ca.subject for k, ca in by_key.items() if k not in best)
+    missing = tuple(ca.subject for k, ca in by_key.items() if k not in best and k not in above)
     return CrlSet(best, missing)
+
+
+def _issuers_of_cas(by_key: Mapping[bytes, x509.Certificate]) -> frozenset[bytes]:
+    """The keys of the CAs that signed another CA of the bundle (not only themselves)."""
+    found: set[bytes] = set()
+    for key, ca in by_key.items():
+        for other_key, other in by_key.items():
+            if other_key == key or other.issuer != ca.subject:
+                continue
+            try:
+                other.verify_directly_issued_by(ca)
+            except (ValueError, TypeError, exceptions.InvalidSignature):
+                continue
+            found.add(key)
+            break
+    return frozenset(found)
 
 
 def _signed_by(c: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:

@@ -6,17 +6,19 @@ chain build (``X509_verify_cert``, ~1 M instructions) to append our own trust an
 the peer decodes one more certificate (``d2i_X509``, ~1.5 M instructions in OpenSSL 3.0),
 about a quarter of a full mTLS handshake's CPU on each side. A peer must already hold the
 anchor to trust us, so sending it is useless (RFC 8446 §4.4.2: a certificate specifying a
-trust anchor MAY be omitted); HAProxy, nginx, Go and BoringSSL do not send it.
+trust anchor MAY be omitted). HAProxy does not send it in the benchmark (its peer decodes
+one certificate per handshake); Go's crypto/tls and BoringSSL have no auto-chain at all.
 
 ``omit_trust_anchor`` sets the mode only when the store holds nothing but self-signed
 certificates, so auto-chain could only ever have appended an anchor. A bundle holding an
 intermediate keeps OpenSSL's behaviour (the intermediate may be needed by the peer).
 
 Python has no API for ``SSL_CTX_set_mode``; the ``SSL_CTX *`` is the first field of
-CPython's ``PySSLContext`` (unchanged from 3.7 to 3.13), and the call goes through the very
-libssl ``_ssl`` is linked with. The pointer is checked first (OpenSSL must report the
-options and verify mode Python reports for the same context); if anything does not match,
-nothing is changed and the handshake stays as before, only slower.
+CPython's ``PySSLContext`` (unchanged from 3.7 to 3.13; sslkeylog reads it the same way),
+and the call goes through the very libssl ``_ssl`` is linked with. The pointer is checked
+first (OpenSSL must report the options and verify mode Python reports for the same
+context); if anything does not match, nothing is changed and the handshake stays as
+before, only slower.
 """
 
 from __future__ import annotations

@@ -64,7 +64,8 @@ def enable_peer_capture(ctx: ssl.SSLContext) -> None:
     Uses the C-level message callback of ``_ssl._SSLContext`` (the ``ssl.SSLContext``
     property wraps it in enum conversions that cost ~5 us per record). It is called for
     every record header too, so ``TlsEndpoint`` moves each connection to a context without
-    the callback once its handshake is over (``SSLObject.context``: ``SSL_set_SSL_CTX``).
+    the callback once its handshake is over (``SSLObject.context``: CPython's setter also
+    clears the connection's C-level callback, so the data phase never enters it).
     """
     base = ssl.SSLContext.__mro__[1]  # _ssl._SSLContext
     base._msg_callback.__set__(ctx, _on_message)  # type: ignore[attr-defined]

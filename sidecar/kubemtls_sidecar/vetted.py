@@ -189,7 +189,7 @@ class CrlState:
     """The newest CRL per trusted CA (``entries``) and the CAs without one (``missing``)."""
 
     entries: tuple[CrlInfo, ...]
-    missing: tuple[str, ...]  # RFC 4514 subjects of trusted CAs with no CRL
+    missing: tuple[str, ...]  # RFC 4514 subjects of CAs that sign leaves, with no CRL
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> CrlState:
@@ -209,7 +209,7 @@ class CrlState:
         return cls(tuple(entries), tuple(doc["missing"]))
 
     def fresh(self, now: datetime.datetime) -> bool:
-        """True when every CA has a CRL that is current: OpenSSL may enforce them."""
+        """True when every CA that signs leaves has a current CRL: OpenSSL may enforce them."""
         return not self.missing and all(e.current(now) for e in self.entries)
 
     def fresh_until(self) -> datetime.datetime | None:

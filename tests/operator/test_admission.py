@@ -192,6 +192,21 @@ async def test_opted_in_pod_gets_the_golden_patch(webhook: Webhook) -> None:
             assert _without_signer(jsonpatch.apply_patch(pod, ops)) == _without_signer(
                 jsonpatch.apply_patch(pod, golden)
             )
+            # Sent as podpatch built it (the golden operations), not re-diffed by kopf.
+            assert [_op_without_signer(op) for op in ops] == [
+                _op_without_signer(op) for op in golden
+            ]
+
+
+def _op_without_signer(value: Any) -> Any:
+    """Any JSON value with each KUBEMTLS_SIGNER env value blanked."""
+    if isinstance(value, list):
+        return [_op_without_signer(v) for v in value]
+    if isinstance(value, dict):
+        if value.get("name") == "KUBEMTLS_SIGNER" and "value" in value:
+            return {**value, "value": "<signer>"}
+        return {k: _op_without_signer(v) for k, v in value.items()}
+    return value
 
 
 def _without_signer(pod: dict[str, Any]) -> dict[str, Any]:
@@ -314,6 +329,11 @@ async def test_pods_with_bad_annotations_are_refused_by_the_api_server(
     )
     assert '"api.payments.svc" is a name of namespace "payments"' in status["message"]
     assert await api.get_or_none("/api/v1/namespaces/claims/pods/claims-worker") is None
+
+
+def test_a_patch_offered_outside_our_server_is_refused() -> None:
+    """The handler then falls back to kopf's patch.fns (test_injection checks that path)."""
+    assert admissionserver.offer_json_patch([{"op": "add", "path": "/x", "value": 1}]) is False
 
 
 def test_envelope_check_accepts_a_real_review() -> None:

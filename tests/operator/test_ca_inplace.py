@@ -247,7 +247,8 @@ def test_a_renewed_intermediate_with_the_same_name_retires_by_time_not_by_issuer
         revocation.State(rollover=revocation.Rollover(activated_at=now)),
     )
     assert not retiring.is_retiring_issuer(new.cert.subject.rfc4514_string())
-    assert retiring.bundle_pem == pki.trust_bundle([root.cert])
+    # The root, then the intermediates (each signs leaves and CRLs: docs/revocation.md).
+    assert retiring.bundle_pem == pki.trust_bundle([root.cert, new.cert, old.cert])
     assert rollover.plan(retiring, now=now, grace=grace, live_issuers=live).action == "none"
     later = now + life
     assert rollover.plan(retiring, now=later, grace=grace, live_issuers=live).action == "retire"

@@ -23,7 +23,7 @@ import kubernetes_validate
 import pytest
 import testkit_podsecurity
 import yaml
-from kubemtls_operator import config, injection
+from kubemtls_operator import config, injection, podpatch
 
 DATA = pathlib.Path(__file__).parent / "data"
 UPDATE = os.environ.get("KUBEMTLS_UPDATE_GOLDEN") == "1"
@@ -64,14 +64,19 @@ def env_of(container: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.mark.parametrize("case", CASES)
 def test_patch_matches_golden_file(case: str) -> None:
+    """The golden file is the JSON Patch the webhook sends (podpatch's operations)."""
     pod = load(case)
     after = injected(pod, CASES[case])
-    ops = jsonpatch.make_patch(pod, after).patch
+    decision = injection.decide(pod, CASES[case])
+    assert decision.spec is not None
+    ops = podpatch.operations(pod, decision.spec, CASES[case])
     golden = DATA / f"{case}.patch.json"
     if UPDATE:
         golden.write_text(json.dumps(ops, indent=2, sort_keys=True) + "\n")
     assert ops == json.loads(golden.read_text())
     assert jsonpatch.apply_patch(pod, ops) == after
+    # A generic diff of the same change (what kopf's patch.fns would send) agrees.
+    assert jsonpatch.apply_patch(pod, jsonpatch.make_patch(pod, after).patch) == after
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -5,9 +5,9 @@ with a message saying how to fix its annotations, or answers with the JSON Patch
 :mod:`kubemtls_operator.podpatch` builds from the injection. Served by our
 :class:`admissionserver.WebhookServer` (the operator's), the patch goes out as built; any
 other server gets the pure, idempotent :func:`injection.inject_sidecar` in ``patch.fns``,
-which kopf diffs into the same change. It makes no API call (``sideEffects: None``): at CREATE the pod does not exist yet, so
-nothing can be posted about it; the reason is logged, and the operator's pod handlers post
-the Event once the pod exists.
+which kopf diffs into the same change. It makes no API call (``sideEffects: None``): at
+CREATE the pod does not exist yet, so nothing can be posted about it; the reason is logged
+(debug), and the operator's pod handlers post the Event once the pod exists.
 """
 
 from __future__ import annotations
