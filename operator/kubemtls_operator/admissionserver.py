@@ -12,13 +12,13 @@ server keeps serving either way. The check itself, :func:`envelope_problem`, is 
 Answering is kopf's documented job for a custom server (``kopf.WebhookFn``: "accept the
 function, invoke it [...], wait for the admission response, serialise it and send it
 back"), so this server decodes the body once (orjson: the stdlib's json was a tenth of
-the webhook's CPU), calls kopf's function — kopf finds the
-handler, runs it, builds the response — and serialises the answer itself. One addition:
-kopf turns a handler's ``patch`` into a JSON Patch by deep-copying the object and diffing
-it with ``jsonpatch``, which cost the injection webhook more than its own work. A handler
-that already has the JSON Patch calls :func:`offer_json_patch` instead, and this server
-puts those operations into kopf's response as they are (only if kopf allowed the review).
-Outside this server the call returns False, and the handler falls back to ``patch.fns``.
+the webhook's CPU), calls kopf's function — kopf finds the handler, runs it, builds the
+response — and serialises the answer itself. One addition: kopf turns a handler's
+``patch`` into a JSON Patch by deep-copying the object and diffing it with ``jsonpatch``,
+which cost the injection webhook more than its own work. A handler that already has the
+JSON Patch calls :func:`offer_json_patch` instead, and this server puts those operations
+into kopf's response as they are (only if kopf allowed the review). Outside this server
+the call returns False, and the handler falls back to ``patch.fns``.
 """
 
 from __future__ import annotations

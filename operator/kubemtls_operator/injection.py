@@ -2,10 +2,12 @@
 
 "Decide, then patch" (Linkerd ``pkg/inject``): :func:`decide` looks at a pod and returns a
 :class:`Decision` with a snake_case reason code and a sentence for logs and events;
-:func:`inject_sidecar` then mutates the pod dict in place. It is idempotent and takes only
-the pod, so the admission handler hands it to kopf as a ``patch.fns`` function and kopf
-diffs the result into the JSON Patch. The containers and volumes themselves are built in
-:mod:`kubemtls_operator.sidecarspec`. No kopf, no Kubernetes client, no I/O here.
+:func:`additions` says what the injection adds, without touching the pod. Two consumers:
+:mod:`kubemtls_operator.podpatch` turns it into the JSON Patch the webhook sends, and
+:func:`inject_sidecar` applies it to a pod dict in place — idempotent and taking only the
+pod, so it also serves as a kopf ``patch.fns`` function (the handler's fallback outside our
+webhook server) and as the tests' reference. The containers and volumes themselves are
+built in :mod:`kubemtls_operator.sidecarspec`. No kopf, no Kubernetes client, no I/O here.
 """
 
 # No ``from __future__ import annotations``: it would shadow our module of that name.

@@ -58,15 +58,18 @@ class CertRecord:
         )
 
 
-#: Condition tuples seen so far: 10,000 records share the few distinct ones (bounded).
+#: Condition tuples seen so far: 10,000 records share the few distinct ones (bounded in
+#: entries and in size).
 _CONDITIONS: dict[tuple[tuple[str, str, str], ...], tuple[tuple[str, str, str], ...]] = {}
+_SHARED_MAX, _SHARED_CHARS = 4096, 512
 
 
 def _shared(conds: tuple[tuple[str, str, str], ...]) -> tuple[tuple[str, str, str], ...]:
     hit = _CONDITIONS.get(conds)
     if hit is None:
         hit = conds
-        if len(_CONDITIONS) < 4096:
+        small = sum(len(a) + len(b) + len(c) for a, b, c in conds) <= _SHARED_CHARS
+        if small and len(_CONDITIONS) < _SHARED_MAX:
             _CONDITIONS[conds] = conds
     return hit
 

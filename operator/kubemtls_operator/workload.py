@@ -74,15 +74,18 @@ def facts(body: Mapping[str, Any]) -> PodFacts:
     )
 
 
-#: Annotation sets seen so far: the pods of one workload share theirs (bounded).
+#: Small annotation sets seen so far: the pods of one workload share theirs. Bounded in
+#: entries and in size (a pod's own odd annotations are not kept after the pod is gone).
 _ANNOTATIONS: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = {}
+_SHARED_MAX, _SHARED_CHARS = 4096, 512
 
 
 def _shared(anns: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
     hit = _ANNOTATIONS.get(anns)
     if hit is None:
         hit = anns
-        if len(_ANNOTATIONS) < 4096:
+        small = sum(len(k) + len(v) for k, v in anns) <= _SHARED_CHARS
+        if small and len(_ANNOTATIONS) < _SHARED_MAX:
             _ANNOTATIONS[anns] = anns
     return hit
 

@@ -486,6 +486,31 @@ def test_settings_from_a_config_without_a_minimum() -> None:
     assert "resources" not in after["spec"]["initContainers"][0]
 
 
+def test_settings_are_built_once_per_config_object() -> None:
+    cfg = config.load({})
+    first = injection.InjectionSettings.of(cfg)
+    assert injection.InjectionSettings.of(cfg) is first
+    other = config.load({"KUBEMTLS_OPERATOR_SIDECAR_IMAGE": "registry.local/kubemtls:dev"})
+    assert injection.InjectionSettings.of(other).sidecar_image == "registry.local/kubemtls:dev"
+    assert injection.InjectionSettings.of(cfg) == first
+
+
+def test_remembered_annotations_still_depend_on_the_namespace() -> None:
+    """decide() parses a template's annotations once; the namespace is part of what it keys."""
+    pod = load("job")
+    pod["metadata"]["annotations"]["kubemtls.io/dns-names"] = "api.payments.svc"
+    for _ in range(2):
+        pod["metadata"]["namespace"] = "payments"
+        assert injection.decide(pod, SETTINGS).action == "inject"
+        pod["metadata"]["namespace"] = "claims"
+        decision = injection.decide(pod, SETTINGS)
+        assert (decision.action, decision.reason) == ("deny", "invalid_annotations")
+        assert 'is a name of namespace "payments"' in decision.message
+    # Annotations that are not kubemtls.io/ ones (a rollout hash) do not change the result.
+    pod["metadata"]["annotations"]["checksum/config"] = "abc123"
+    assert injection.decide(pod, SETTINGS).message == decision.message
+
+
 def test_legacy_transparent_layout_keeps_init_then_app_order() -> None:
     pod = load("transparent-probes")
     after = injected(pod, LEGACY)
