@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import kopf
+import orjson
 
 from kubemtls_operator import errors, naming
 
@@ -113,11 +114,13 @@ class Client:
             errors.APIError: any other error status, or no answer.
         """
         headers = {"Content-Type": content_type} if body is not None else {}
+        payload = orjson.dumps(body) if body is not None else None
         try:
             async with self._session.request(
-                method, self._base + path, json=body, headers=headers, params=params
+                method, self._base + path, data=payload, headers=headers, params=params
             ) as rsp:
-                data = await rsp.json(content_type=None)
+                raw = await rsp.read()
+                data = orjson.loads(raw) if raw.strip() else None
                 status = rsp.status
         except (aiohttp.ClientError, TimeoutError, ValueError) as e:
             raise errors.APIError(f"{method} {path}: {e}") from e

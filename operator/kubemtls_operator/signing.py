@@ -24,6 +24,7 @@ import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 from aiohttp import web
 from kubemtls_sidecar import certs
 
@@ -59,7 +60,7 @@ def _json(
 ) -> web.Response:
     return web.Response(
         status=status_,
-        body=json.dumps(payload).encode(),
+        body=orjson.dumps(payload),
         content_type="application/json",
         headers=headers,
     )
@@ -265,8 +266,8 @@ class Signer:
                 413, "BodyTooLarge", f"the request body is larger than {MAX_BODY} bytes"
             ) from e
         try:
-            data = json.loads(raw)
-        except ValueError as e:
+            data = orjson.loads(raw)
+        except ValueError as e:  # orjson.JSONDecodeError is a ValueError
             raise Refused(400, "MalformedJSON", f"the body is not JSON: {e}") from e
         csr = data.get("csr") if isinstance(data, dict) else None
         if not isinstance(csr, str) or not csr:

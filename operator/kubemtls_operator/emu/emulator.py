@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp.web
 import jsonpatch
 import kmock
+import orjson
 import yaml
 from kmock import KubernetesError
 from kmock._internal import k8s_dicts
@@ -53,6 +54,15 @@ from kubemtls_operator.emu.selectors import match_fields, match_labels, parse_la
 from kubemtls_operator.emu.sidechannel import SideChannelMixin
 from kubemtls_operator.emu.tables import TablesMixin
 from kubemtls_operator.emu.webhooks import AdmissionMixin
+
+
+def _dumps(obj: Any) -> bytes:
+    """JSON as kube-apiserver sends it (compact), by orjson; json for what orjson refuses
+    (integers beyond 64 bits, non-string keys)."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        return json.dumps(obj, separators=(",", ":")).encode()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -621,7 +631,9 @@ class Emulator(
         )
 
     def respond(self, payload: Any, status: int = 200) -> aiohttp.web.Response:
-        return aiohttp.web.json_response(payload, status=status)
+        return aiohttp.web.Response(
+            body=_dumps(payload), status=status, content_type="application/json"
+        )
 
     async def patch(self, request, body, res, ns, name, sub, ctype, dry_run) -> tuple[dict, int]:
         if ctype == "application/apply-patch+yaml" and body is None:
@@ -779,7 +791,7 @@ class Emulator(
                     "type": event["type"],
                     "object": self.table(request, res, [event["object"]]),
                 }
-            await response.write(json.dumps(event).encode() + b"\n")
+            await response.write(_dumps(event) + b"\n")
 
         try:
             await response.prepare(request._raw_request)
