@@ -32,6 +32,7 @@ import asyncio
 import base64
 import datetime
 import json
+import logging
 import os
 import pathlib
 import resource
@@ -132,6 +133,7 @@ async def serve(port: int, workdir: pathlib.Path) -> None:
     cfg = config.load({})
     # As kubemtls-operator does (its __main__): kopf's text format, INFO (stderr: /dev/null).
     kopf.configure(verbose=False, log_format=kopf.LogFormat.FULL)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # as kubemtls-operator
     async with runtime.serve() as api:
         api.write_kubeconfig(workdir / "kubeconfig")
         os.environ["KUBECONFIG"] = str(workdir / "kubeconfig")
@@ -294,8 +296,8 @@ def main() -> None:
     ap.add_argument(
         "--loop",
         choices=("asyncio", "uvloop"),
-        default="asyncio",
-        help="the webhook's event loop (kubemtls-operator runs kopf on asyncio's)",
+        default="uvloop",
+        help="the webhook's event loop (kubemtls-operator runs kopf on uvloop)",
     )
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # the child
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
