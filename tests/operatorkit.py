@@ -28,15 +28,43 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import kopf
+import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from kopf.testing import KopfRunner
+from kubemtls_operator import injection
 from kubemtls_sidecar import contract
+from testkit import free_port
 
 NAMESPACE = "kubemtls"
 MTLSCERTS = f"/apis/{contract.CRD_GROUP}/{contract.CRD_VERSION}"
+
+# The webhook's golden pods (``tests/operator/data/<case>.pod.yaml``) and the settings each
+# one is injected with (test_injection's golden patches, test_podpatch's properties).
+GOLDEN = pathlib.Path(__file__).parent / "operator" / "data"
+INJECTION = injection.InjectionSettings(
+    sidecar_image="ghcr.io/kubemtls/kubemtls:0.1.0",
+    sidecar_resources={"requests": {"cpu": "20m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}},
+    signer_url="https://kubemtls.kubemtls.svc:9444",
+)
+INJECTION_LEGACY = dataclasses.replace(INJECTION, native_sidecar=False)
+GOLDEN_CASES = {
+    "deployment-explicit": INJECTION,
+    "existing-init-volumes": INJECTION,
+    "transparent-probes": INJECTION,
+    "job": INJECTION,
+    "legacy-explicit": INJECTION_LEGACY,
+}
+
+
+def golden_pod(case: str) -> dict[str, Any]:
+    """The input pod of a golden case."""
+    pod: dict[str, Any] = yaml.safe_load((GOLDEN / f"{case}.pod.yaml").read_text())
+    return pod
 
 
 @dataclasses.dataclass
@@ -162,6 +190,50 @@ class OperatorHandle:
         if not self.stopped:
             self.stopped = True
             await asyncio.to_thread(self.runner.__exit__, None, None, None)
+
+
+PORT_SETTINGS = ("SIGNER_PORT", "WEBHOOK_PORT", "METRICS_PORT", "HEALTH_PORT")
+
+
+def operator_env(ports: dict[str, int] | None = None, **settings: Any) -> dict[str, str]:
+    """The operator's settings for a test (names without the env prefix): the test defaults
+    on ``ports`` (free ones when not given), then ``settings`` (setting names, any case)."""
+    ports = ports if ports is not None else {n: free_port() for n in PORT_SETTINGS}
+    env = {
+        "NAMESPACE": NAMESPACE,
+        "BIND_ADDRESS": "127.0.0.1",
+        "WEBHOOK_MANAGED": "false",
+        "CHECK_INTERVAL": "0.5s",
+        "CA_ROLLOVER_GRACE": "1h",
+        **{k: str(v) for k, v in ports.items()},
+        "SIGNER_URL": f"https://127.0.0.1:{ports['SIGNER_PORT']}",
+    }
+    env.update({k.upper(): str(v) for k, v in settings.items()})
+    return env
+
+
+def use_emulator(k8s: Any, tmp: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point kopf (``KUBECONFIG``) at the emulated API server ``k8s``."""
+    kubeconfig = tmp / "kubeconfig"
+    k8s.write_kubeconfig(kubeconfig)
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+
+
+def set_operator_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    """Apply ``env`` (from ``operator_env``) as ``KUBEMTLS_OPERATOR_<NAME>`` variables."""
+    for name, value in env.items():
+        monkeypatch.setenv(contract.OPERATOR_ENV_PREFIX + name, value)
+
+
+def run_operator(env: dict[str, str]) -> OperatorHandle:
+    """Start kopf in its thread (``env`` already applied); not waited for: see ``_wait_*``."""
+    runner = KopfRunner(
+        ["run", "-A", "--standalone", "-m", "kubemtls_operator.handlers"],
+        settings=kopf.OperatorSettings(),
+        timeout=30,
+    )
+    runner.__enter__()
+    return OperatorHandle(runner, env, *(int(env[n]) for n in PORT_SETTINGS))
 
 
 async def _listening(port: int) -> bool:

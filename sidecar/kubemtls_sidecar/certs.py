@@ -6,8 +6,8 @@ thumbprint. No I/O, no Kubernetes, no network. The operator's own PKI (CA, signi
 CRLs) lives in ``kubemtls_operator.pki`` and builds on this module.
 
 ``cryptography`` is imported inside the functions that take its objects: the resident
-sidecar uses ``spiffe_id``, ``CertFacts`` and ``x5t_s256`` of DER bytes (with ``der``)
-and must never load it (idle memory, see ``vet``).
+sidecar uses ``spiffe_id``, ``CertFacts``, ``first_spiffe_id`` and the two fingerprints of
+DER bytes (with ``der``) and must never load it (idle memory, see ``vet``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ __all__ = [
     "common_name",
     "facts",
     "fingerprint_sha256",
+    "first_spiffe_id",
     "load_pem_certificates",
     "parse_spiffe_id",
     "spiffe_id",
@@ -96,23 +97,29 @@ def load_pem_certificates(pem: bytes) -> list[x509.Certificate]:
         raise ValueError(f"no PEM certificate could be read: {e}") from e
 
 
-def fingerprint_sha256(cert: x509.Certificate) -> str:
-    """Hex SHA-256 of the DER, upper case with colons (as ``openssl x509 -fingerprint``)."""
+def first_spiffe_id(uris: tuple[str, ...]) -> str | None:
+    """The first ``spiffe://`` URI of a certificate's URI SANs, if any."""
+    return next((u for u in uris if u.startswith("spiffe://")), None)
+
+
+def _der(cert: x509.Certificate | bytes) -> bytes:
+    if isinstance(cert, bytes):
+        return cert
     from cryptography.hazmat.primitives import serialization
 
-    digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest().upper()
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def fingerprint_sha256(cert: x509.Certificate | bytes) -> str:
+    """Hex SHA-256 of the DER, upper case with colons (as ``openssl x509 -fingerprint``)."""
+    digest = hashlib.sha256(_der(cert)).hexdigest().upper()
     return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
 
 
 def x5t_s256(cert: x509.Certificate | bytes) -> str:
     """RFC 8705 §3.1 ``x5t#S256``: base64url (no padding) of the SHA-256 of the DER."""
-    if isinstance(cert, bytes):
-        der = cert
-    else:
-        from cryptography.hazmat.primitives import serialization
-
-        der = cert.public_bytes(serialization.Encoding.DER)
-    return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode("ascii")
+    digest = hashlib.sha256(_der(cert)).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +143,7 @@ class CertFacts:
     @property
     def spiffe_id(self) -> str | None:
         """The first ``spiffe://`` URI SAN, if any."""
-        return next((u for u in self.uris if u.startswith("spiffe://")), None)
+        return first_spiffe_id(self.uris)
 
     @property
     def common_name(self) -> str | None:

@@ -18,7 +18,6 @@ import base64
 import binascii
 import dataclasses
 import datetime
-import hashlib
 import ipaddress
 import re
 
@@ -171,7 +170,7 @@ class Cert:
 
     @property
     def spiffe_id(self) -> str | None:
-        return next((u for u in self.uris if u.startswith("spiffe://")), None)
+        return certs.first_spiffe_id(self.uris)
 
 
 def _key(data: bytes, start: int, end: int) -> str:
@@ -265,7 +264,6 @@ def _parse(der: bytes) -> Cert:
 def facts(cert: Cert | bytes) -> certs.CertFacts:
     """``certs.facts`` for a DER certificate, without ``cryptography``."""
     c = parse(cert) if isinstance(cert, bytes) else cert
-    digest = hashlib.sha256(c.der).hexdigest().upper()
     return certs.CertFacts(
         serial=format(c.serial_number, "x"),
         subject=c.subject,
@@ -278,7 +276,7 @@ def facts(cert: Cert | bytes) -> certs.CertFacts:
         is_ca=c.is_ca,
         client_auth=c.client_auth,
         server_auth=c.server_auth,
-        fingerprint_sha256=":".join(digest[i : i + 2] for i in range(0, len(digest), 2)),
+        fingerprint_sha256=certs.fingerprint_sha256(c.der),
         x5t_s256=certs.x5t_s256(c.der),
     )
 

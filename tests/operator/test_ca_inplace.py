@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from kubemtls_operator import pki, revocation, rollover
 from kubemtls_sidecar import certs, contract
-from operatorkit import NAMESPACE, Api, _until, make_csr, openssl_verify, sign
+from operatorkit import NAMESPACE, Api, OperatorHandle, _until, make_csr, openssl_verify, sign
 from operatorkit import trust as trust_api
 from testkit import utcnow
 
@@ -33,10 +33,10 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _pem(secret: dict[str, Any], key: str) -> str:
+def _pem(data: dict[str, Any], key: str) -> str:
     import base64
 
-    return base64.b64decode(secret["data"][key]).decode()
+    return base64.b64decode(data[key]).decode()
 
 
 def _anchors(pem: str) -> set[str]:
@@ -45,6 +45,13 @@ def _anchors(pem: str) -> set[str]:
 
 def _issuer(chain: str) -> x509.Name:
     return x509.load_pem_x509_certificates(chain.encode())[0].issuer
+
+
+def _roots(label: str) -> tuple[pki.CA, pki.CA, str, str]:
+    """Two roots, ``<label> old root`` and ``<label> new root``, and their fingerprints."""
+    old = pki.bootstrap_ca(now=utcnow(), common_name=f"{label} old root")
+    new = pki.bootstrap_ca(now=utcnow(), common_name=f"{label} new root")
+    return old, new, certs.fingerprint_sha256(old.cert), certs.fingerprint_sha256(new.cert)
 
 
 async def _put_ca(api: Api, ca: pki.CA) -> None:
@@ -79,6 +86,33 @@ async def _issued_leaf(api: Api, handle: Any, pod: str) -> tuple[str, str]:
     return body["certificateChain"], token
 
 
+async def _signing_with(
+    api: Api, start_operator: Any, ca: pki.CA, pod: str
+) -> tuple[OperatorHandle, str, str]:
+    """An operator started on a Secret holding ``ca``, once it has recorded ``ca`` as its
+    signer and signed a leaf for ``pod``: the operator, the leaf's chain PEM, the token."""
+    await _put_ca(api, ca)
+    handle = await start_operator()
+    chain, token = await _issued_leaf(api, handle, pod)
+    await _until(lambda: _recorded(api, ca))
+    return handle, chain, token
+
+
+async def _published(api: Api) -> tuple[set[str], dict[str, Any], int]:
+    """The trust bundle's anchors, the CA Secret's data, and how many CRLs are published."""
+    secret, trust = (await api.get(SECRET))["data"], (await api.trust())["data"]
+    return _anchors(trust["ca.crt"]), secret, trust["crl.pem"].count("BEGIN X509 CRL")
+
+
+async def _verified(api: Api, tmp: pathlib.Path, chain: str) -> dict[str, str]:
+    """The published trust ConfigMap's data, once ``chain`` passed ``openssl verify``
+    against its bundle, CRLs included."""
+    trust: dict[str, str] = (await api.trust())["data"]
+    done = openssl_verify(tmp, trust["ca.crt"], chain, trust["crl.pem"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    return trust
+
+
 async def _reasons(api: Api) -> dict[str, str]:
     return {e["reason"]: e["message"] for e in (await api.get(EVENTS))["items"]}
 
@@ -86,31 +120,24 @@ async def _reasons(api: Api) -> dict[str, str]:
 async def test_a_ca_replaced_in_place_stays_trusted_until_its_leaves_are_renewed(
     api: Api, start_operator: Any, tmp_path: pathlib.Path
 ) -> None:
-    old = pki.bootstrap_ca(now=utcnow(), common_name="in-place old root")
-    new = pki.bootstrap_ca(now=utcnow(), common_name="in-place new root")
-    fp_old, fp_new = certs.fingerprint_sha256(old.cert), certs.fingerprint_sha256(new.cert)
-    await _put_ca(api, old)
-    first = await start_operator()
-    chain, token = await _issued_leaf(api, first, "app-0")
-    await _until(lambda: _recorded(api, old))
+    old, new, fp_old, fp_new = _roots("in-place")
+    first, chain, token = await _signing_with(api, start_operator, old, "app-0")
     await _until(lambda: _phase(api, "app-0", "Issued"))
 
     await _replace_in_place(api, new.cert, new.key)
 
-    async def both_trusted() -> Any:
-        secret, trust = await api.get(SECRET), await api.trust()
+    async def both_trusted() -> bool:
+        anchors, secret, crls = await _published(api)
         return (
-            _anchors(trust["data"]["ca.crt"]) == {fp_old, fp_new}
+            anchors == {fp_old, fp_new}
             and _anchors(_pem(secret, "ca.crt")) == {fp_old, fp_new}
-            and "prev.key" in secret["data"]
-            and trust["data"]["crl.pem"].count("BEGIN X509 CRL") == 2
+            and "prev.key" in secret
+            and crls == 2
         )
 
     await _until(both_trusted)
-    trust_now = (await api.trust())["data"]
     # The old CA's leaf still verifies against what peers are given, CRLs included.
-    done = openssl_verify(tmp_path, trust_now["ca.crt"], chain, trust_now["crl.pem"])
-    assert done.returncode == 0, done.stdout + done.stderr
+    trust_now = await _verified(api, tmp_path, chain)
     message = (await _reasons(api))["CAReplaced"]
     assert "signed before it was published" in message
     assert "30 s" in message
@@ -138,13 +165,9 @@ async def test_a_ca_replaced_in_place_stays_trusted_until_its_leaves_are_renewed
     assert done.returncode == 0, done.stdout + done.stderr
 
     # app-0 was the old CA's only live leaf: once it is renewed, the old CA retires.
-    async def retired() -> Any:
-        secret, trust = await api.get(SECRET), await api.trust()
-        return (
-            _anchors(trust["data"]["ca.crt"]) == {fp_new}
-            and "prev.crt" not in secret["data"]
-            and trust["data"]["crl.pem"].count("BEGIN X509 CRL") == 1
-        )
+    async def retired() -> bool:
+        anchors, secret, crls = await _published(api)
+        return anchors == {fp_new} and "prev.crt" not in secret and crls == 1
 
     await _until(retired, timeout=15)
     assert "CARetired" in await _reasons(api)
@@ -153,30 +176,19 @@ async def test_a_ca_replaced_in_place_stays_trusted_until_its_leaves_are_renewed
 async def test_a_replacement_while_no_replica_ran_keeps_the_old_ca_without_its_key(
     api: Api, start_operator: Any, tmp_path: pathlib.Path
 ) -> None:
-    old = pki.bootstrap_ca(now=utcnow(), common_name="keyless old root")
-    new = pki.bootstrap_ca(now=utcnow(), common_name="keyless new root")
-    fp_old, fp_new = certs.fingerprint_sha256(old.cert), certs.fingerprint_sha256(new.cert)
-    await _put_ca(api, old)
-    first = await start_operator()
-    chain, _ = await _issued_leaf(api, first, "app-1")
-    await _until(lambda: _recorded(api, old))
+    old, new, fp_old, fp_new = _roots("keyless")
+    first, chain, _ = await _signing_with(api, start_operator, old, "app-1")
     await first.stop()
     await _replace_in_place(api, new.cert, new.key)  # the old key is gone for good
     await start_operator()
 
-    async def kept() -> Any:
-        secret, trust = await api.get(SECRET), await api.trust()
-        return (
-            _anchors(trust["data"]["ca.crt"]) == {fp_old, fp_new}
-            and "prev.crt" in secret["data"]
-            and "prev.key" not in secret["data"]
-        )
+    async def kept() -> bool:
+        anchors, secret, _ = await _published(api)
+        return anchors == {fp_old, fp_new} and "prev.crt" in secret and "prev.key" not in secret
 
     await _until(kept)
-    trust = (await api.trust())["data"]
     # Its last CRL (signed while the key was held) is carried over, so CRL checking holds.
-    done = openssl_verify(tmp_path, trust["ca.crt"], chain, trust["crl.pem"])
-    assert done.returncode == 0, done.stdout + done.stderr
+    await _verified(api, tmp_path, chain)
     message = (await _reasons(api))["CAPreviousKeyUnavailable"]
     assert "can no longer be revoked" in message
     assert "goes stale at" in message
@@ -199,10 +211,7 @@ async def test_the_same_key_with_a_new_certificate_needs_no_rollover(
     for ext in old.cert.extensions:
         renewed = renewed.add_extension(ext.value, ext.critical)
     cert = renewed.sign(old.key, hashes.SHA256())
-    await _put_ca(api, old)
-    handle = await start_operator()
-    chain, _ = await _issued_leaf(api, handle, "app-2")
-    await _until(lambda: _recorded(api, old))
+    _, chain, _ = await _signing_with(api, start_operator, old, "app-2")
     await _replace_in_place(api, cert)
 
     async def renewed_only() -> Any:
@@ -216,9 +225,7 @@ async def test_the_same_key_with_a_new_certificate_needs_no_rollover(
     secret = await api.get(SECRET)
     assert "prev.crt" not in secret["data"]
     assert "CAReplaced" not in await _reasons(api)
-    trust = (await api.trust())["data"]
-    done = openssl_verify(tmp_path, trust["ca.crt"], chain, trust["crl.pem"])
-    assert done.returncode == 0, done.stdout + done.stderr
+    await _verified(api, tmp_path, chain)
 
 
 def test_a_renewed_intermediate_with_the_same_name_retires_by_time_not_by_issuer_name() -> None:

@@ -22,31 +22,16 @@ import kopf
 import kubernetes_validate
 import pytest
 import testkit_podsecurity
-import yaml
 from kubemtls_operator import config, injection, podpatch
+from operatorkit import GOLDEN as DATA
+from operatorkit import GOLDEN_CASES as CASES
+from operatorkit import INJECTION as SETTINGS
+from operatorkit import INJECTION_LEGACY as LEGACY
+from operatorkit import golden_pod as load
 
-DATA = pathlib.Path(__file__).parent / "data"
 UPDATE = os.environ.get("KUBEMTLS_UPDATE_GOLDEN") == "1"
-SETTINGS = injection.InjectionSettings(
-    sidecar_image="ghcr.io/kubemtls/kubemtls:0.1.0",
-    sidecar_resources={"requests": {"cpu": "20m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}},
-    signer_url="https://kubemtls.kubemtls.svc:9444",
-)
-LEGACY = dataclasses.replace(SETTINGS, native_sidecar=False)
-CASES = {
-    "deployment-explicit": SETTINGS,
-    "existing-init-volumes": SETTINGS,
-    "transparent-probes": SETTINGS,
-    "job": SETTINGS,
-    "legacy-explicit": LEGACY,
-}
 EXPLICIT = [c for c in CASES if c != "transparent-probes"]
 VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
-
-
-def load(case: str) -> dict[str, Any]:
-    pod: dict[str, Any] = yaml.safe_load((DATA / f"{case}.pod.yaml").read_text())
-    return pod
 
 
 def injected(pod: dict[str, Any], settings: injection.InjectionSettings) -> dict[str, Any]:

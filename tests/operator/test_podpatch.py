@@ -9,33 +9,21 @@ transparent mode only, the handler of an app probe that the injection points at 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
 from typing import Any
 
 import jsonpatch
 import jsonpointer
 import pytest
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kubemtls_operator import injection, podpatch, sidecarspec
 from kubemtls_sidecar import contract
-from testkit import REPO
+from operatorkit import GOLDEN_CASES, golden_pod
+from operatorkit import INJECTION as SETTINGS
+from operatorkit import INJECTION_LEGACY as LEGACY
 
-DATA = REPO / "tests" / "operator" / "data"
-SETTINGS = injection.InjectionSettings(
-    sidecar_resources={"requests": {"cpu": "20m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}},
-)
-LEGACY = dataclasses.replace(SETTINGS, native_sidecar=False)
-CASES = {
-    "deployment-explicit": SETTINGS,
-    "existing-init-volumes": SETTINGS,
-    "transparent-probes": SETTINGS,
-    "job": SETTINGS,
-    "legacy-explicit": LEGACY,
-    "transparent-probes-legacy": LEGACY,
-}
+CASES = {**GOLDEN_CASES, "transparent-probes-legacy": LEGACY}
 OUR_CONTAINERS = {contract.SIDECAR_CONTAINER_NAME, contract.INIT_CONTAINER_NAME}
 OUR_VOLUMES = {
     contract.VOLUME_TOKEN,
@@ -50,10 +38,7 @@ PROBE_HANDLER = re.compile(
 
 
 def load(case: str) -> dict[str, Any]:
-    pod: dict[str, Any] = yaml.safe_load(
-        (DATA / f"{case.removesuffix('-legacy')}.pod.yaml").read_text()
-    )
-    return pod
+    return golden_pod(case.removesuffix("-legacy"))
 
 
 def injected(pod: dict[str, Any], spec: Any, settings: injection.InjectionSettings) -> Any:

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import operatorkit
 import pytest
 from cryptography import x509
 from kubemtls_sidecar import certs, contract
@@ -39,17 +40,8 @@ class Replica:
     def __init__(self, name: str, kubeconfig: pathlib.Path, log: pathlib.Path) -> None:
         self.name = name
         self.log = log
-        self.ports = {
-            n: free_port() for n in ("SIGNER_PORT", "WEBHOOK_PORT", "METRICS_PORT", "HEALTH_PORT")
-        }
-        settings = {
-            "NAMESPACE": NAMESPACE,
-            "BIND_ADDRESS": "127.0.0.1",
-            "CHECK_INTERVAL": "0.5s",
-            "PEERING": PEERING,
-            "SIGNER_URL": f"https://127.0.0.1:{self.ports['SIGNER_PORT']}",
-            **{k: str(v) for k, v in self.ports.items()},
-        }
+        self.ports = {n: free_port() for n in operatorkit.PORT_SETTINGS}
+        settings = operatorkit.operator_env(self.ports, peering=PEERING)
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("KUBEMTLS_")},
             "KUBECONFIG": str(kubeconfig),

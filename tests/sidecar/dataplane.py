@@ -274,13 +274,21 @@ async def sidecar_process(
             await asyncio.sleep(0.05)
         yield proc
     finally:
+        await stop_sidecar(proc)
+
+
+async def stop_sidecar(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM a sidecar process (stderr piped); it must exit 0 within 15 s, else SIGKILL.
+
+    Its stderr is printed (pytest shows it when the test fails).
+    """
+    if proc.returncode is None:
+        proc.terminate()
+    try:
+        code = await asyncio.wait_for(proc.wait(), 15)
+    finally:
         if proc.returncode is None:
-            proc.terminate()
-        try:
-            code = await asyncio.wait_for(proc.wait(), 15)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-            assert proc.stderr is not None
-            print((await proc.stderr.read()).decode())  # shown when the test fails
-        assert code == 0
+            proc.kill()
+        assert proc.stderr is not None
+        print((await proc.stderr.read()).decode())
+    assert code == 0

@@ -16,13 +16,12 @@ from typing import Any
 
 import aiohttp
 import dataplane
-import kopf
+import operatorkit
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from kopf.testing import KopfRunner
 from kubemtls_sidecar import contract, crl
-from operatorkit import NAMESPACE, Api, OperatorHandle, _until, _wait_ca, _wait_listening
+from operatorkit import Api, OperatorHandle, _until, _wait_ca, _wait_listening
 from testkit import eventually, free_port, utcnow
 
 pytestmark = pytest.mark.slow
@@ -54,41 +53,17 @@ class Operator:
     """Starts and stops the operator on the same ports, so the signer URL stays put."""
 
     def __init__(self, k8s: Any, tmp: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        kubeconfig = tmp / "kubeconfig"
-        k8s.write_kubeconfig(kubeconfig)
-        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-        self.ports = {
-            n: free_port() for n in ("SIGNER_PORT", "WEBHOOK_PORT", "METRICS_PORT", "HEALTH_PORT")
-        }
-        env = {
-            "NAMESPACE": NAMESPACE,
-            "BIND_ADDRESS": "127.0.0.1",
-            "WEBHOOK_MANAGED": "false",
-            "CHECK_INTERVAL": "0.5s",
-            "CERT_DURATION": "10s",
-            "CERT_DURATION_MIN": "10s",
-            **{k: str(v) for k, v in self.ports.items()},
-            "SIGNER_URL": f"https://127.0.0.1:{self.ports['SIGNER_PORT']}",
-        }
-        for name, value in env.items():
-            monkeypatch.setenv(contract.OPERATOR_ENV_PREFIX + name, value)
+        operatorkit.use_emulator(k8s, tmp, monkeypatch)
+        self.env = operatorkit.operator_env(cert_duration="10s", cert_duration_min="10s")
+        operatorkit.set_operator_env(monkeypatch, self.env)
         self.handle: OperatorHandle | None = None
 
     @property
     def url(self) -> str:
-        return f"https://127.0.0.1:{self.ports['SIGNER_PORT']}"
+        return self.env["SIGNER_URL"]
 
     async def start(self) -> None:
-        runner = KopfRunner(
-            ["run", "-A", "--standalone", "-m", "kubemtls_operator.handlers"],
-            settings=kopf.OperatorSettings(),
-            timeout=30,
-        )
-        runner.__enter__()
-        p = self.ports
-        self.handle = OperatorHandle(
-            runner, {}, p["SIGNER_PORT"], p["WEBHOOK_PORT"], p["METRICS_PORT"], p["HEALTH_PORT"]
-        )
+        self.handle = operatorkit.run_operator(self.env)
         await _wait_listening(self.handle)
         await _wait_ca(self.handle)
 

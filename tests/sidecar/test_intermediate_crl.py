@@ -17,11 +17,10 @@ from typing import Any
 
 import aiohttp
 import dataplane
-import kopf
+import operatorkit
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from kopf.testing import KopfRunner
 from kubemtls_operator import pki
 from kubemtls_operator.demo import ehr
 from kubemtls_sidecar import contract, crl, tlsstore
@@ -53,35 +52,10 @@ async def operator(
     k8s: Any, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[OperatorHandle]:
     """One operator (real kopf) on free ports, stopped at teardown."""
-    kubeconfig = tmp_path / "kubeconfig"
-    k8s.write_kubeconfig(kubeconfig)
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    ports = {n: free_port() for n in ("SIGNER_PORT", "WEBHOOK_PORT", "METRICS_PORT", "HEALTH_PORT")}
-    env = {
-        "NAMESPACE": NAMESPACE,
-        "BIND_ADDRESS": "127.0.0.1",
-        "WEBHOOK_MANAGED": "false",
-        "CHECK_INTERVAL": "0.5s",
-        "CA_BOOTSTRAP": "false",
-        **{k: str(v) for k, v in ports.items()},
-        "SIGNER_URL": f"https://127.0.0.1:{ports['SIGNER_PORT']}",
-    }
-    for name, value in env.items():
-        monkeypatch.setenv(contract.OPERATOR_ENV_PREFIX + name, value)
-    runner = KopfRunner(
-        ["run", "-A", "--standalone", "-m", "kubemtls_operator.handlers"],
-        settings=kopf.OperatorSettings(),
-        timeout=30,
-    )
-    runner.__enter__()
-    handle = OperatorHandle(
-        runner,
-        env,
-        ports["SIGNER_PORT"],
-        ports["WEBHOOK_PORT"],
-        ports["METRICS_PORT"],
-        ports["HEALTH_PORT"],
-    )
+    operatorkit.use_emulator(k8s, tmp_path, monkeypatch)
+    env = operatorkit.operator_env(ca_bootstrap="false")
+    operatorkit.set_operator_env(monkeypatch, env)
+    handle = operatorkit.run_operator(env)
     try:
         yield handle
     finally:

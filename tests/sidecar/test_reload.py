@@ -20,6 +20,7 @@ from dataplane import (
     log_fields,
     running_sidecar,
     s_client,
+    stop_sidecar,
 )
 from kubemtls_operator import pki
 from testkit import REPO, Leaf, eventually, utcnow
@@ -217,15 +218,7 @@ async def test_sighup_reloads_at_once(files: Files, echo_port, tmp_path):
         else:
             raise AssertionError("SIGHUP did not reload the certificate")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = await asyncio.wait_for(proc.wait(), 15)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-            assert proc.stderr is not None
-            print((await proc.stderr.read()).decode())  # shown when the test fails
-        assert code == 0
+        await stop_sidecar(proc)
 
 
 def _listening(port: int) -> bool:
