@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import pathlib
@@ -204,12 +205,26 @@ async def mint_token(s: aiohttp.ClientSession, base: str, name: str) -> str:
 
 async def trust_ctx(s: aiohttp.ClientSession, base: str) -> ssl.SSLContext:
     deadline = time.time() + 30
+    # The namespace's trust ConfigMap appears with its first opted-in pod; before any pod
+    # exists (a burst run first), the CA Secret's ca.crt is the same bundle.
+    sources = (
+        f"{base}/api/v1/namespaces/{NS}/configmaps/kubemtls-trust",
+        f"{base}/api/v1/namespaces/kubemtls/secrets/kubemtls-ca",
+    )
     while time.time() < deadline:
-        async with s.get(f"{base}/api/v1/namespaces/{NS}/configmaps/kubemtls-trust") as r:
-            if r.status == 200:
-                return ssl.create_default_context(cadata=(await r.json())["data"]["ca.crt"])
+        for url in sources:
+            async with s.get(url) as r:
+                if r.status != 200:
+                    continue
+                data = (await r.json()).get("data") or {}
+                if "ca.crt" not in data:
+                    continue
+                pem = data["ca.crt"] if "configmaps" in url else base64.b64decode(data["ca.crt"])
+                return ssl.create_default_context(
+                    cadata=pem if isinstance(pem, str) else pem.decode()
+                )
         await asyncio.sleep(0.1)
-    raise SystemExit("no trust ConfigMap")
+    raise SystemExit("no trust bundle: neither the trust ConfigMap nor the CA Secret's ca.crt")
 
 
 def profilers(
