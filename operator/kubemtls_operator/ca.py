@@ -8,7 +8,8 @@ name (409 → someone else won, re-read) or a patch with a resourceVersion preco
 
 :class:`Manager` keeps the last good :class:`rollover.Authority` for the signing API; when
 the CA is missing or invalid it keeps ``error`` instead (signing answers 503), posts an
-event, and retries with backoff. Decisions are in ``rollover`` and ``revocation`` (pure).
+event, and retries with backoff. Decisions are in ``rollover`` and ``revocation`` (pure);
+the reads and writes of the Secret and the state are in ``castore``.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import dataclasses
 import datetime
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from cryptography import x509
-from kubemtls_sidecar import certs, contract
+from kubemtls_sidecar import certs
 
 from kubemtls_operator import (
+    castore,
     config,
     errors,
     inplace,
@@ -34,7 +35,6 @@ from kubemtls_operator import (
     pki,
     revocation,
     rollover,
-    status,
 )
 
 __all__ = ["Manager"]
@@ -42,18 +42,6 @@ __all__ = ["Manager"]
 logger = logging.getLogger(__name__)
 
 MAX_CONFLICT_RETRIES = 8
-
-
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
-
-
-def _decode(secret: dict[str, Any]) -> dict[str, bytes]:
-    return {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()}
-
-
-def _encode(data: dict[str, bytes | None]) -> dict[str, str | None]:
-    return {k: (base64.b64encode(v).decode() if v is not None else None) for k, v in data.items()}
 
 
 @dataclasses.dataclass
@@ -72,106 +60,10 @@ class Manager:
     _published: tuple[bytes, bytes] = (b"", b"")
     _reported: str = ""
     _alerted: set[str] = dataclasses.field(default_factory=set)
+    _store: castore.Store = dataclasses.field(init=False)
 
-    # --- paths ------------------------------------------------------------------------------
-    @property
-    def _secret_path(self) -> str:
-        return kube.secret_path(self.cfg.namespace, self.cfg.ca_secret)
-
-    @property
-    def _state_path(self) -> str:
-        return kube.configmap_path(self.cfg.namespace, contract.STATE_CONFIGMAP)
-
-    # --- reading ----------------------------------------------------------------------------
-    async def _read_secret(self) -> dict[str, Any]:
-        secret = await self.client.get_or_none(self._secret_path)
-        if secret is not None:
-            return secret
-        if not self.cfg.ca_bootstrap:
-            raise errors.CAUnavailable(
-                f"the CA Secret {self.cfg.namespace}/{self.cfg.ca_secret} does not exist and "
-                "KUBEMTLS_OPERATOR_CA_BOOTSTRAP is false; create it with tls.crt and tls.key",
-                reason=naming.Reason.CA_SECRET_MISSING,
-            )
-        return await self._bootstrap()
-
-    async def _bootstrap(self) -> dict[str, Any]:
-        now = _now()
-        ca = pki.bootstrap_ca(now=now, common_name=f"kubemtls root CA {now:%Y%m%d%H%M%S}")
-        body = {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "type": "Opaque",
-            "metadata": {
-                "name": self.cfg.ca_secret,
-                "namespace": self.cfg.namespace,
-                "labels": {"app.kubernetes.io/managed-by": naming.MANAGED_BY},
-            },
-            "data": _encode(
-                {
-                    naming.KEY_CERT: pki.cert_pem(ca.cert),
-                    naming.KEY_KEY: pki.key_pem(ca.key),
-                    naming.KEY_BUNDLE: pki.cert_pem(ca.cert),
-                }
-            ),
-        }
-        # A deterministic name: of two replicas bootstrapping at once, one create wins and
-        # the other gets 409 and reads the winner's CA.
-        secret, created = await self.client.create_or_get(
-            kube.secret_path(self.cfg.namespace), body
-        )
-        if created:
-            logger.warning(
-                "bootstrapped a self-signed root CA into %s/%s (serial %x): fine for trying "
-                "kubemtls, but production should bring its own CA (an intermediate of your PKI)",
-                self.cfg.namespace,
-                self.cfg.ca_secret,
-                ca.cert.serial_number,
-            )
-            await self._event(
-                "Warning",
-                naming.Reason.CA_BOOTSTRAPPED,
-                "bootstrapped a root CA; production should bring its own CA",
-            )
-        return secret
-
-    async def _read_state(self) -> tuple[revocation.State, str]:
-        body = {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {
-                "name": contract.STATE_CONFIGMAP,
-                "namespace": self.cfg.namespace,
-                "labels": {"app.kubernetes.io/managed-by": naming.MANAGED_BY},
-            },
-            "data": {naming.KEY_STATE: revocation.State().to_json()},
-        }
-        cm = await self.client.get_or_none(self._state_path)
-        if cm is None:
-            cm, _ = await self.client.create_or_get(kube.configmap_path(self.cfg.namespace), body)
-        text = (cm.get("data") or {}).get(naming.KEY_STATE)
-        return revocation.State.from_json(text), cm["metadata"]["resourceVersion"]
-
-    async def _write_state(self, state: revocation.State, rv: str) -> None:
-        patch = {"metadata": {"resourceVersion": rv}, "data": {naming.KEY_STATE: state.to_json()}}
-        await self.client.merge_patch(self._state_path, patch)
-
-    async def _load(self) -> tuple[rollover.Authority, str, str]:
-        """(authority, secret resourceVersion, state resourceVersion).
-
-        Raises:
-            errors.CAUnavailable: no Secret (and no bootstrap), or an unusable CA in it.
-        """
-        secret = await self._read_secret()
-        state, state_rv = await self._read_state()
-        try:
-            auth = rollover.from_secret(_decode(secret), state, now=_now())
-        except pki.PKIError as e:
-            raise errors.CAUnavailable(
-                f"the CA in {self.cfg.namespace}/{self.cfg.ca_secret} cannot be used: {e}",
-                reason=naming.Reason.CA_INVALID,
-            ) from e
-        return auth, secret["metadata"]["resourceVersion"], state_rv
+    def __post_init__(self) -> None:
+        self._store = castore.Store(self.client, self.cfg)
 
     # --- the one entry point: read, take the due step, keep CRLs fresh, publish ----------
     async def reconcile(self) -> rollover.Authority:
@@ -189,7 +81,7 @@ class Manager:
                 if self._reported != str(e):
                     self._reported = str(e)
                     logger.error("%s", e)
-                    await self._event("Warning", e.reason, str(e))
+                    await self._store.event("Warning", e.reason, str(e))
                 metrics.CA_AVAILABLE.set(0)
                 raise
             self.error = None
@@ -202,7 +94,7 @@ class Manager:
 
     async def _alert_expiry(self, auth: rollover.Authority) -> None:
         """Warning events from ALERT_WINDOW before a trusted CA expires: at 30, 7 and 1 day."""
-        now = _now()
+        now = castore.now()
         for ca in auth.cas:
             left = ca.cert.not_valid_after_utc - now
             if left > self.cfg.alert_window:
@@ -215,7 +107,7 @@ class Manager:
             if key in self._alerted:
                 continue
             self._alerted.add(key)
-            await self._event(
+            await self._store.event(
                 "Warning",
                 naming.Reason.CA_EXPIRING,
                 f"the CA {ca.cert.subject.rfc4514_string()} expires at "
@@ -225,7 +117,7 @@ class Manager:
 
     async def _reconcile_locked(self) -> rollover.Authority:
         for _ in range(MAX_CONFLICT_RETRIES):
-            auth, secret_rv, state_rv = await self._load()
+            auth, secret_rv, state_rv = await self._store.load()
             try:
                 changed = await self._step(auth, secret_rv, state_rv)
                 if not changed:
@@ -237,7 +129,7 @@ class Manager:
         raise errors.APIError("the CA state kept changing under us; will retry", delay=2.0)
 
     async def _step(self, auth: rollover.Authority, secret_rv: str, state_rv: str) -> bool:
-        now = _now()
+        now = castore.now()
         step = rollover.plan(
             auth,
             now=now,
@@ -251,14 +143,14 @@ class Manager:
         ro = inplace.normalized(auth, now)
         if step.action == "generate":
             nxt = pki.bootstrap_ca(now=now, common_name=f"kubemtls root CA {now:%Y%m%d%H%M%S}")
-            await self._patch_secret(
+            await self._store.patch_secret(
                 secret_rv,
                 {
                     naming.KEY_NEXT_CERT: pki.cert_pem(nxt.cert),
                     naming.KEY_NEXT_KEY: pki.key_pem(nxt.key),
                 },
             )
-            await self._event(
+            await self._store.event(
                 "Normal",
                 naming.Reason.CA_NEXT_PUBLISHED,
                 f"generated the next CA {nxt.cert.subject.rfc4514_string()}: "
@@ -269,7 +161,7 @@ class Manager:
             # Bundles first (every namespace), then the publication time: an unpublished CA
             # never reaches "activate", whatever happens between the two writes.
             await self._publish(auth, force=True)
-            await self._patch_secret(secret_rv, {naming.KEY_BUNDLE: auth.bundle_pem})
+            await self._store.patch_secret(secret_rv, {naming.KEY_BUNDLE: auth.bundle_pem})
             new = dataclasses.replace(
                 ro,
                 phase=revocation.PHASE_NEXT_PUBLISHED,
@@ -277,8 +169,8 @@ class Manager:
                 published_at=now,
                 activated_at=None,
             )
-            await self._write_state(dataclasses.replace(auth.state, rollover=new), state_rv)
-            await self._event(
+            await self._store.write_state(dataclasses.replace(auth.state, rollover=new), state_rv)
+            await self._store.event(
                 "Normal",
                 naming.Reason.CA_NEXT_PUBLISHED,
                 f"published the next CA ({step.detail}) in every trust bundle; "
@@ -288,7 +180,7 @@ class Manager:
         if step.action == "activate":
             assert auth.next is not None
             old, nxt = auth.signing, auth.next
-            await self._patch_secret(
+            await self._store.patch_secret(
                 secret_rv,
                 {
                     naming.KEY_CERT: pki.cert_pem(nxt.cert, *nxt.chain),
@@ -305,8 +197,8 @@ class Manager:
                 activated_at=now,
                 retiring_fingerprint=certs.fingerprint_sha256(old.cert),
             )
-            await self._write_state(dataclasses.replace(auth.state, rollover=new), state_rv)
-            await self._event(
+            await self._store.write_state(dataclasses.replace(auth.state, rollover=new), state_rv)
+            await self._store.event(
                 "Normal",
                 naming.Reason.CA_ACTIVATED,
                 f"the CA {nxt.cert.subject.rfc4514_string()} signs now; "
@@ -317,31 +209,45 @@ class Manager:
         if (
             step.action == "retire"
             and not auth.ambiguous  # retires by time: its name is the signing CA's too
-            and step.detail in await self._live_issuers_in_api()
+            and step.detail in await self._store.live_issuers()
         ):
             return False  # the MTLSCert index was not filled yet (just started): not yet
-        if step.action == "retire":
-            remaining = rollover.trust_bundle((auth.signing, auth.next))
-            await self._patch_secret(
-                secret_rv,
-                {
-                    naming.KEY_PREV_CERT: None,
-                    naming.KEY_PREV_KEY: None,
-                    naming.KEY_BUNDLE: remaining,
-                },
-            )
-            new = inplace.stamp(revocation.Rollover(phase=revocation.PHASE_STABLE), auth.signing)
-            await self._write_state(dataclasses.replace(auth.state, rollover=new), state_rv)
-            await self._event(
-                "Normal",
-                naming.Reason.CA_RETIRED,
-                f"retired the CA {step.detail}: no live certificate chains to it",
-            )
+        if step.action in ("retire", "prune"):
+            await self._retire(auth, step, ro, secret_rv, state_rv)
             return True
         if ro != auth.state.rollover:  # first sight of this signing CA: remember it
-            await self._write_state(dataclasses.replace(auth.state, rollover=ro), state_rv)
+            await self._store.write_state(dataclasses.replace(auth.state, rollover=ro), state_rv)
             return True
         return False
+
+    async def _retire(
+        self,
+        auth: rollover.Authority,
+        step: rollover.Step,
+        ro: revocation.Rollover,
+        secret_rv: str,
+        state_rv: str,
+    ) -> None:
+        """Drop ``prev.*`` from the Secret and the bundle: retired, or pruned once expired."""
+        remaining = rollover.trust_bundle((auth.signing, auth.next))
+        await self._store.patch_secret(
+            secret_rv,
+            {naming.KEY_PREV_CERT: None, naming.KEY_PREV_KEY: None, naming.KEY_BUNDLE: remaining},
+        )
+        if step.action == "retire" or ro.phase == revocation.PHASE_RETIRING:
+            ro = inplace.stamp(revocation.Rollover(phase=revocation.PHASE_STABLE), auth.signing)
+        # else: an expired prev.crt left over while a next CA is under way: keep its record
+        await self._store.write_state(dataclasses.replace(auth.state, rollover=ro), state_rv)
+        if step.action == "retire":
+            message = f"retired the CA {step.detail}: no live certificate chains to it"
+        else:
+            expired_at = min(c.not_valid_after_utc for c in auth.expired)
+            message = (
+                f"pruned the expired CA {step.detail} (prev.crt, expired at "
+                f"{revocation.format_time(expired_at)}) from the CA Secret and every trust "
+                "bundle: past its notAfter it validates nothing"
+            )
+        await self._store.event("Normal", naming.Reason.CA_RETIRED, message)
 
     async def _replaced(
         self, auth: rollover.Authority, step: rollover.Step, secret_rv: str, state_rv: str
@@ -352,15 +258,15 @@ class Manager:
             auth,
             step,
             old_key=self._key_of(step.detail, old[0], auth),
-            now=_now(),
+            now=castore.now(),
             where=f"{self.cfg.namespace}/{self.cfg.ca_secret}",
         )
         if writes.secret:
-            await self._patch_secret(secret_rv, writes.secret)
-        await self._write_state(writes.state, state_rv)
+            await self._store.patch_secret(secret_rv, writes.secret)
+        await self._store.write_state(writes.state, state_rv)
         for type_, reason, message in writes.events:
             logger.warning("%s: %s", reason, message)
-            await self._event(type_, reason, message)
+            await self._store.event(type_, reason, message)
 
     def _key_of(
         self, fingerprint: str, cert: x509.Certificate, auth: rollover.Authority
@@ -373,32 +279,14 @@ class Manager:
             return auth.signing.key
         return None
 
-    async def _live_issuers_in_api(self) -> frozenset[str]:
-        """Issuer DNs of unexpired certificates, from a LIST of every MTLSCert.
-
-        Asked only before retiring a CA (rare): right after a start, kopf's index may not
-        hold every MTLSCert yet, and retiring a CA whose leaves live is an outage.
-        """
-        group, version = naming.CRD_API_VERSION.split("/")
-        body = await self.client.get_or_none(f"/apis/{group}/{version}/{contract.CRD_PLURAL}")
-        now = _now()
-        views = [
-            status.CertView.from_status(i.get("status")) for i in (body or {}).get("items", [])
-        ]
-        return frozenset(v.issuer for v in views if v.issuer and v.not_after and v.not_after > now)
-
     async def _refresh_crls(self, auth: rollover.Authority, state_rv: str) -> bool:
-        now = _now()
+        now = castore.now()
         if not revocation.needs_crl(auth.state, auth.cas, now, auth.keyless):
             return False
         state = revocation.sign_crls(auth.state, auth.cas, now, auth.keyless)
-        await self._write_state(state, state_rv)
+        await self._store.write_state(state, state_rv)
         logger.info("signed CRL number %d for %d CA(s)", state.crl_number, len(auth.cas))
         return True
-
-    async def _patch_secret(self, rv: str, data: dict[str, bytes | None]) -> None:
-        patch = {"metadata": {"resourceVersion": rv}, "data": _encode(data)}
-        await self.client.merge_patch(self._secret_path, patch)
 
     # --- revocation -------------------------------------------------------------------------
     async def revoke(self, entry: revocation.Revocation) -> rollover.Authority:
@@ -411,20 +299,20 @@ class Manager:
         """
         async with self._lock:
             for _ in range(MAX_CONFLICT_RETRIES):
-                auth, _, state_rv = await self._load()
+                auth, _, state_rv = await self._store.load()
                 state = revocation.add(auth.state, entry)
-                if revocation.needs_crl(state, auth.cas, _now(), auth.keyless):
-                    state = revocation.sign_crls(state, auth.cas, _now(), auth.keyless)
+                if revocation.needs_crl(state, auth.cas, castore.now(), auth.keyless):
+                    state = revocation.sign_crls(state, auth.cas, castore.now(), auth.keyless)
                 if state == auth.state:
                     break
                 try:
-                    await self._write_state(state, state_rv)
+                    await self._store.write_state(state, state_rv)
                 except errors.Conflict:
                     continue
                 break
             else:
                 raise errors.APIError("the CA state kept changing; will retry", delay=1.0)
-            auth, _, _ = await self._load()
+            auth, _, _ = await self._store.load()
             self.authority = auth
             metrics.observe_authority(auth)
         await self._publish(auth)
@@ -446,14 +334,6 @@ class Manager:
             await self.client.patch_webhook_ca_bundle(self.cfg.webhook_config, b64)
         except errors.APIError as e:
             logger.warning("could not set caBundle on %s: %s", self.cfg.webhook_config, e)
-
-    async def _event(self, type_: str, reason: str, message: str) -> None:
-        ref = {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": self.cfg.ca_secret, "namespace": self.cfg.namespace},
-        }
-        await self.client.post_event(ref, type_=type_, reason=reason, message=message)
 
     # --- the loop ---------------------------------------------------------------------------------
     async def run(self, interval: float) -> None:

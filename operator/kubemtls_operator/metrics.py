@@ -75,10 +75,17 @@ def observe_authority(auth: rollover.Authority) -> None:
 
     CA_AVAILABLE.set(1)
     CA_EXPIRY.clear()
-    for role, ca in (("signing", auth.signing), ("next", auth.next), ("previous", auth.previous)):
-        if ca is not None:
-            subject = ca.cert.subject.rfc4514_string()
-            CA_EXPIRY.labels(role, subject).set(ca.cert.not_valid_after_utc.timestamp())
+    # The retiring CA from prev.crt, also when its key is gone (auth.previous is None then);
+    # it leaves the gauge when it retires (or, expired, is pruned): the clear() above.
+    retiring = auth.retiring[0] if auth.retiring else None
+    for role, cert in (
+        ("signing", auth.signing.cert),
+        ("next", auth.next.cert if auth.next else None),
+        ("previous", retiring),
+    ):
+        if cert is not None:
+            subject = cert.subject.rfc4514_string()
+            CA_EXPIRY.labels(role, subject).set(cert.not_valid_after_utc.timestamp())
     phase = rollover.phase_of(auth)
     for p in _PHASES:
         CA_ROLLOVER_PHASE.labels(p).set(1 if p == phase else 0)

@@ -9,7 +9,8 @@ Rollover, in steps (DESIGN.md §Lifecycle commands):
    one is in its last fifth of life) → it is **published** in every trust bundle;
 2. once it has been published for ``CA_ROLLOVER_GRACE`` it is **activated**: it signs, and
    the old CA moves to ``prev.*`` (its key is kept to sign its CRL);
-3. once no live certificate chains to the old CA it is **retired**: dropped from bundles.
+3. once no live certificate chains to the old CA it is **retired**: dropped from bundles
+   (an expired one is **pruned** at once: past its notAfter it validates nothing).
 An unpublished CA never signs: activation requires a recorded publication time.
 
 A CA **replaced in place** (cert-manager rewrites ``tls.crt``/``tls.key``; no ``next``
@@ -48,6 +49,8 @@ class Authority:
     ``previous`` is the retiring CA with its key (it signs its CRL); ``retiring`` is its
     certificate and chain as ``prev.crt`` holds them — also when the key is gone (a CA
     replaced in place while no replica held its key): trusted, but its CRL is frozen.
+    ``expired``: ``prev.crt`` when it (or a certificate above it) has expired: trusted
+    nowhere, still in the Secret until :func:`plan` prunes it.
     """
 
     signing: pki.CA
@@ -55,6 +58,7 @@ class Authority:
     previous: pki.CA | None
     state: revocation.State
     retiring: tuple[x509.Certificate, ...] = ()
+    expired: tuple[x509.Certificate, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.retiring and self.previous is not None:
@@ -159,19 +163,23 @@ def from_secret(
     try:
         prev = _load(data, naming.KEY_PREV_CERT, naming.KEY_PREV_KEY, now)
         if prev is None and naming.KEY_PREV_CERT in data:
-            retiring = _certificates(data[naming.KEY_PREV_CERT], now)
+            retiring = _certificates(data[naming.KEY_PREV_CERT])
     except pki.CAExpired:
-        prev = None  # an expired retiring CA vouches for nothing any more
-    return Authority(signing=signing, next=nxt, previous=prev, state=state, retiring=retiring)
+        prev, retiring = None, _certificates(data[naming.KEY_PREV_CERT])
+    expired: tuple[x509.Certificate, ...] = ()
+    if retiring and min(c.not_valid_after_utc for c in retiring) <= now:
+        retiring, expired = (), retiring  # an expired retiring CA vouches for nothing any more
+    return Authority(
+        signing=signing, next=nxt, previous=prev, state=state, retiring=retiring, expired=expired
+    )
 
 
-def _certificates(pem: bytes, now: datetime.datetime) -> tuple[x509.Certificate, ...]:
-    """``prev.crt`` without ``prev.key``: the certificates, unless unreadable or expired."""
+def _certificates(pem: bytes) -> tuple[x509.Certificate, ...]:
+    """``prev.crt`` without a usable ``prev.key``: the certificates, () when unreadable."""
     try:
-        chain = tuple(certs.load_pem_certificates(pem))
+        return tuple(certs.load_pem_certificates(pem))
     except ValueError:
         return ()
-    return chain if chain and chain[0].not_valid_after_utc > now else ()
 
 
 def recorded_signing(state: revocation.State) -> tuple[x509.Certificate, ...]:
@@ -194,7 +202,8 @@ def in_last_fifth(cert: x509.Certificate, now: datetime.datetime) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-    """One rollover step: ``generate`` | ``publish`` | ``activate`` | ``retire`` | ``none``."""
+    """One rollover step: ``generate`` | ``publish`` | ``activate`` | ``retire`` | ``prune``
+    (an expired ``prev.crt`` leaves the Secret) | ``replace`` | ``renewed`` | ``none``."""
 
     action: str
     detail: str = ""
@@ -240,6 +249,8 @@ def plan(
     swap = replacement(auth)
     if swap.action != "none":
         return swap
+    if auth.expired:
+        return Step("prune", auth.expired[0].subject.rfc4514_string())
     if auth.retiring:
         old_dn = auth.retiring_dn
         expired = auth.retiring[0].not_valid_after_utc <= now

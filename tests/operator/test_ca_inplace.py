@@ -4,7 +4,8 @@ Real kopf against the emulated API: the old CA stays in the Secret's ``ca.crt`` 
 every trust ConfigMap (with its CRL) while a leaf it signed lives, that leaf still passes
 ``openssl verify`` against the published bundle, new leaves come from the new CA, and the
 old CA retires once its leaves are renewed — across a restart, and when no replica held
-the old key. The same key with a new certificate needs none of it.
+the old key (in the CA expiry metric as ``previous`` meanwhile). The same key with a new
+certificate needs none of it. An expired ``prev.crt`` is pruned from the Secret at once.
 """
 
 from __future__ import annotations
@@ -226,6 +227,125 @@ async def test_the_same_key_with_a_new_certificate_needs_no_rollover(
     assert "prev.crt" not in secret["data"]
     assert "CAReplaced" not in await _reasons(api)
     await _verified(api, tmp_path, chain)
+
+
+async def test_the_retiring_ca_without_its_key_is_in_the_expiry_metric_until_it_retires(
+    api: Api, start_operator: Any
+) -> None:
+    old, new, fp_old, fp_new = _roots("metric")
+    first, _, token = await _signing_with(api, start_operator, old, "app-3")
+    await first.stop()
+    await _replace_in_place(api, new.cert, new.key)  # the old key is gone for good
+    second = await start_operator()
+    old_dn, new_dn = old.cert.subject.rfc4514_string(), new.cert.subject.rfc4514_string()
+
+    async def expiries() -> dict[tuple[str, str], float]:
+        return await _ca_expiries(second)
+
+    async def previous_shown() -> Any:
+        shown = await expiries()
+        anchors, _, _ = await _published(api)
+        return ("previous", old_dn) in shown and anchors == {fp_old, fp_new} and shown
+
+    shown = await _until(previous_shown)
+    assert "prev.key" not in (await api.get(SECRET))["data"]
+    assert shown[("previous", old_dn)] == old.cert.not_valid_after_utc.timestamp()
+    assert shown[("signing", new_dn)] == new.cert.not_valid_after_utc.timestamp()
+    # Its only leaf renewed under the new CA: the old CA retires and leaves the gauge.
+    bundle = (await api.trust())["data"]["ca.crt"]
+    assert (await sign(second, bundle, token, {"csr": make_csr()[1]}))[0] == 200
+
+    async def retired() -> bool:
+        return "prev.crt" not in (await api.get(SECRET))["data"]
+
+    await _until(retired, timeout=15)
+    await _until(lambda: _without_previous(second))
+    assert "CARetired" in await _reasons(api)
+
+
+async def test_an_expired_prev_ca_is_pruned_from_the_secret_and_the_bundle(
+    api: Api, start_operator: Any
+) -> None:
+    now = utcnow()
+    current = pki.bootstrap_ca(now=now, common_name="pruning current root")
+    gone = pki.bootstrap_ca(  # expired a minute ago
+        now=now - datetime.timedelta(days=2),
+        common_name="pruning expired root",
+        lifetime=datetime.timedelta(days=2, seconds=-60),
+    )
+    data = {
+        "tls.crt": _b64(pki.cert_pem(current.cert)),
+        "tls.key": _b64(pki.key_pem(current.key)),
+        "prev.crt": _b64(pki.cert_pem(gone.cert)),
+        "prev.key": _b64(pki.key_pem(gone.key)),
+        "ca.crt": _b64(pki.cert_pem(current.cert, gone.cert)),
+    }
+    body = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "kubemtls-ca"}, "data": data}
+    await api.post(f"/api/v1/namespaces/{NAMESPACE}/secrets", body)
+    handle = await start_operator()
+    await api.create_pod("app-4")  # its namespace gets the published bundle
+    fp_current = certs.fingerprint_sha256(current.cert)
+
+    async def pruned() -> bool:
+        if await api.trust() is None:
+            return False
+        anchors, secret, crls = await _published(api)
+        return (
+            anchors == {fp_current}
+            and "prev.crt" not in secret
+            and "prev.key" not in secret
+            and _anchors(_pem(secret, "ca.crt")) == {fp_current}
+            and crls == 1
+        )
+
+    await _until(pruned)
+    event = next(
+        e for e in (await api.get(EVENTS))["items"] if "pruned the expired CA" in e["message"]
+    )
+    assert (event["type"], event["reason"]) == ("Normal", "CARetired")
+    assert "pruning expired root" in event["message"]
+    assert await _without_previous(handle)
+
+
+def test_an_expired_prev_crt_without_its_key_is_planned_for_pruning() -> None:
+    now = utcnow()
+    current = pki.bootstrap_ca(now=now, common_name="plan current root")
+    gone = pki.bootstrap_ca(
+        now=now - datetime.timedelta(days=2),
+        common_name="plan expired root",
+        lifetime=datetime.timedelta(days=1),
+    )
+    data = {
+        "tls.crt": pki.cert_pem(current.cert),
+        "tls.key": pki.key_pem(current.key),
+        "prev.crt": pki.cert_pem(gone.cert),
+    }
+    auth = rollover.from_secret(data, revocation.State(), now=now)
+    assert (auth.retiring, auth.expired) == ((), (gone.cert,))
+    assert auth.bundle_pem == pki.trust_bundle([current.cert])
+    live = frozenset({gone.cert.subject.rfc4514_string()})  # its leaves are dead all the same
+    step = rollover.plan(auth, now=now, grace=datetime.timedelta(hours=1), live_issuers=live)
+    assert (step.action, step.detail) == ("prune", gone.cert.subject.rfc4514_string())
+
+
+async def _ca_expiries(handle: OperatorHandle) -> dict[tuple[str, str], float]:
+    """``kubemtls_ca_expiry_timestamp_seconds`` as scraped: (role, subject) → value."""
+    import aiohttp
+    from prometheus_client import parser
+
+    async with aiohttp.ClientSession() as s, s.get(handle.metrics_url) as r:
+        text = await r.text()
+    return {
+        (m.labels["role"], m.labels["subject"]): m.value
+        for family in parser.text_string_to_metric_families(text)
+        if family.name == "kubemtls_ca_expiry_timestamp_seconds"
+        for m in family.samples
+    }
+
+
+async def _without_previous(handle: OperatorHandle) -> bool:
+    shown = await _ca_expiries(handle)
+    return bool(shown) and all(role != "previous" for role, _ in shown)
 
 
 def test_a_renewed_intermediate_with_the_same_name_retires_by_time_not_by_issuer_name() -> None:
