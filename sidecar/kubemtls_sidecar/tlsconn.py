@@ -117,7 +117,8 @@ class TlsEndpoint(pipe.Endpoint):
         )
         # The C object under ``ssl.SSLObject``: its read/write/pending without the Python
         # wrapper frame (a few hundred instructions per call, several calls per request).
-        self._obj: Any = self.ssl._sslobj  # type: ignore[attr-defined]
+        # A private attribute (CPython 3.7-3.13): without it, the public wrapper does the same.
+        self._obj: Any = getattr(self.ssl, "_sslobj", self.ssl)
         self.established = False
         self.handshake: asyncio.Future[None] = self._loop.create_future()
         self._truncated = False
