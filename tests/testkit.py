@@ -102,13 +102,19 @@ EventuallyPredicate = Callable[[], object]
 async def eventually(
     pred: EventuallyPredicate, timeout: float = 10.0, step: float = 0.05
 ) -> object:
-    """Poll ``pred`` until it returns something truthy; fail after ``timeout`` seconds."""
+    """Poll ``pred`` until it returns something truthy; fail after ``timeout`` seconds.
+
+    ``pred`` may be a coroutine function: its result is awaited each time.
+    """
     import asyncio
+    import inspect
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
         value = pred()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if loop.time() > deadline:

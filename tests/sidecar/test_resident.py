@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import ssl
-from collections.abc import Awaitable, Callable
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -26,14 +25,7 @@ from dataplane import (
 )
 from kubemtls_operator import pki
 from kubemtls_sidecar import der, vetted
-from testkit import TestPKI, free_port, utcnow
-
-
-async def until(pred: Callable[[], Awaitable[bool]], what: str, timeout: float = 20) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await pred():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
+from testkit import TestPKI, eventually, free_port, utcnow
 
 
 async def test_file_mode_never_loads_cryptography(
@@ -63,7 +55,7 @@ async def test_file_mode_never_loads_cryptography(
         new.write(files.cert_dir)
         proc.send_signal(signal.SIGHUP)
         want = f"{new.cert.serial_number:x}"
-        await until(lambda: serial_is(want), "the swapped certificate served")
+        await eventually(lambda: serial_is(want), timeout=20)  # the swap is served
 
         # A broken one (the key of another certificate) is refused, the swap kept.
         (files.cert_dir / "tls.key").write_bytes(files.pki.leaf().key_pem)
@@ -73,7 +65,7 @@ async def test_file_mode_never_loads_cryptography(
             _, body = await admin_get(admin, "/metrics")
             return 'kubemtls_sidecar_reload_failures_total{kind="cert"' in body
 
-        await until(refused, "the broken certificate refused")
+        await eventually(refused, timeout=20)  # the broken certificate is refused
         assert await serial() == want
 
         # A connection served, and one refused (unknown CA: the log reads its certificate).
