@@ -93,26 +93,40 @@ class Manager:
         return auth
 
     async def _alert_expiry(self, auth: rollover.Authority) -> None:
-        """Warning events from ALERT_WINDOW before a trusted CA expires: at 30, 7 and 1 day."""
+        """Warning events from ALERT_WINDOW before a trusted CA expires: at 30, 7 and 1 day.
+
+        Every CA in the bundle counts, the retiring one too (also when its key is gone):
+        peers reject its leaves from that moment, whatever the operator does.
+        """
         now = castore.now()
-        for ca in auth.cas:
-            left = ca.cert.not_valid_after_utc - now
+        retiring = {certs.fingerprint_sha256(c) for c in auth.retiring[:1]}
+        trusted = [ca.cert for ca in auth.cas] + list(auth.keyless)
+        for cert in trusted:
+            left = cert.not_valid_after_utc - now
             if left > self.cfg.alert_window:
                 continue
             step = next(
                 (d for d in (1, 7) if left <= datetime.timedelta(days=d)),
                 int(self.cfg.alert_window.total_seconds() // 86400),
             )
-            key = f"{certs.fingerprint_sha256(ca.cert)}/{step}"
+            fingerprint = certs.fingerprint_sha256(cert)
+            key = f"{fingerprint}/{step}"
             if key in self._alerted:
                 continue
             self._alerted.add(key)
+            advice = (
+                "it is the retiring CA (prev.crt): its pods renew under the signing CA and it "
+                "leaves the bundles once no live certificate chains to it; a leaf it signed "
+                "that is still in use then is refused by every peer"
+                if fingerprint in retiring
+                else "put its successor into the CA Secret as next.crt/next.key"
+            )
             await self._store.event(
                 "Warning",
                 naming.Reason.CA_EXPIRING,
-                f"the CA {ca.cert.subject.rfc4514_string()} expires at "
-                f"{revocation.format_time(ca.cert.not_valid_after_utc)} (within {step} days); "
-                "put its successor into the CA Secret as next.crt/next.key",
+                f"the CA {cert.subject.rfc4514_string()} expires at "
+                f"{revocation.format_time(cert.not_valid_after_utc)} (within {step} days); "
+                f"{advice}",
             )
 
     async def _reconcile_locked(self) -> rollover.Authority:

@@ -177,7 +177,12 @@ async def test_a_ca_replaced_in_place_stays_trusted_until_its_leaves_are_renewed
 async def test_a_replacement_while_no_replica_ran_keeps_the_old_ca_without_its_key(
     api: Api, start_operator: Any, tmp_path: pathlib.Path
 ) -> None:
-    old, new, fp_old, fp_new = _roots("keyless")
+    _, new, _, fp_new = _roots("keyless")
+    # 20 days left: inside the 30-day alert window, so the retiring CA must be warned about.
+    old = pki.bootstrap_ca(
+        now=utcnow(), common_name="keyless old root", lifetime=datetime.timedelta(days=20)
+    )
+    fp_old = certs.fingerprint_sha256(old.cert)
     first, chain, _ = await _signing_with(api, start_operator, old, "app-1")
     await first.stop()
     await _replace_in_place(api, new.cert, new.key)  # the old key is gone for good
@@ -193,6 +198,18 @@ async def test_a_replacement_while_no_replica_ran_keeps_the_old_ca_without_its_k
     message = (await _reasons(api))["CAPreviousKeyUnavailable"]
     assert "can no longer be revoked" in message
     assert "goes stale at" in message
+
+    async def retiring_warned() -> Any:
+        events = (await api.get(EVENTS))["items"]
+        return [
+            e["message"]
+            for e in events
+            if e["reason"] == "CAExpiring" and "retiring CA (prev.crt)" in e["message"]
+        ]
+
+    (warning,) = await _until(retiring_warned)
+    assert "CN=keyless old root" in warning
+    assert "within 30 days" in warning
 
 
 async def test_the_same_key_with_a_new_certificate_needs_no_rollover(
