@@ -226,7 +226,7 @@ IMPORT_STEPS = (
     "asyncio",  # with ssl, so OpenSSL's libraries and their initialisation
     "argparse,dataclasses,ipaddress,pathlib,json,logging",
     "h11",
-    "prometheus_client",
+    "kubemtls_sidecar.promtext",  # prometheus-client's metrics + registry, no exposition
     "uvloop",
     "kubemtls_sidecar.app",
     "kubemtls_sidecar.identity",  # --signer only

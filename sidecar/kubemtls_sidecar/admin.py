@@ -23,9 +23,8 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import h11
-import prometheus_client
 
-from kubemtls_sidecar import logs, metrics
+from kubemtls_sidecar import logs, metrics, promtext
 
 __all__ = ["AdminServer", "Response", "Route", "is_loopback"]
 
@@ -96,7 +95,7 @@ class AdminServer:
         return 503, "text/plain", f"not ready: {why}\n".encode()
 
     async def _metrics(self, target: str) -> Response:
-        return 200, prometheus_client.CONTENT_TYPE_LATEST, self.metrics.exposition()
+        return 200, promtext.CONTENT_TYPE, self.metrics.exposition()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST)

@@ -146,7 +146,11 @@ def _time(tag: int, raw: bytes) -> datetime.datetime:
     if tag == 0x17:  # UTCTime: YYMMDDHHMMSSZ, 50-99 → 19xx
         year = int(text[:2])
         text = ("19" if year >= 50 else "20") + text
-    return datetime.datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=datetime.UTC)
+    # By hand, not strptime: _strptime and calendar would stay loaded in every sidecar.
+    if len(text) != 15 or not text[:14].isdigit():
+        raise ValueError(f"certificate time {text!r} is not YYYYMMDDHHMMSSZ")
+    mo, d, h, mi, sec = (int(text[i : i + 2]) for i in (4, 6, 8, 10, 12))
+    return datetime.datetime(int(text[:4]), mo, d, h, mi, sec, tzinfo=datetime.UTC)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from collections.abc import Mapping
 
 from kubemtls_sidecar import contract, errors
@@ -228,10 +229,24 @@ FLAGS: tuple[Flag, ...] = (
 )
 
 
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    """argparse's formatter, given the width: by default it asks ``shutil``, whose import
+    (with bz2 and lzma) would stay in every sidecar's memory (~0.4 MiB) for one --help."""
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        try:
+            columns = os.get_terminal_size().columns  # of stdout
+        except (ValueError, OSError):
+            columns = 80
+    return argparse.HelpFormatter(prog, width=columns - 2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser; defaults are applied after parsing so env can fill in."""
     p = argparse.ArgumentParser(
         prog="kubemtls-sidecar",
+        formatter_class=_formatter,
         description="Per-pod mutual TLS proxy: inbound mTLS to the app, outbound mTLS to "
         "peers and EHR systems. Every flag can also be set by its KUBEMTLS_* variable.",
     )

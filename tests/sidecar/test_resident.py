@@ -6,6 +6,11 @@ sidecar as its own process and read ``/proc/PID/maps``: no ``cryptography`` afte
 after a certificate swap (SIGHUP), after a refused broken swap, after serving a
 connection and a refused handshake (the refusal log reads the peer's certificate with
 ``der``). Signer mode: ``test_identity.py::test_signer_mode_never_loads_cryptography``.
+
+The same run is started with ``PYTHONPROFILEIMPORTTIME`` (``-X importtime``): pure-Python
+modules leave no trace in the maps, so its stderr lists every module the sidecar imported
+over that life, and none of ``LEFT_OUT`` may be among them (prometheus-client's HTTP
+exposition stack, which ``promtext`` avoids; shutil and _strptime, ~0.5 MiB together).
 """
 
 from __future__ import annotations
@@ -27,10 +32,32 @@ from kubemtls_operator import pki
 from kubemtls_sidecar import der, vetted
 from testkit import TestPKI, eventually, free_port, utcnow
 
+#: Modules the long-running sidecar does without (issue 5: idle RSS).
+LEFT_OUT = (
+    "prometheus_client.exposition",
+    "http.server",
+    "http.client",
+    "urllib.request",
+    "wsgiref.simple_server",
+    "email.message",
+    "shutil",
+    "_strptime",
+)
+
+
+def imported(stderr: str) -> set[str]:
+    """Module names from ``-X importtime`` lines ("import time: self | cumulative | name")."""
+    return {
+        line.rsplit("|", 1)[1].strip()
+        for line in stderr.splitlines()
+        if line.startswith("import time:") and line.count("|") == 2
+    }
+
 
 async def test_file_mode_never_loads_cryptography(
-    files: Files, echo_port: int, other_pki: TestPKI, tmp_path
+    files: Files, echo_port: int, other_pki: TestPKI, tmp_path, monkeypatch, capsys
 ) -> None:
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # the sidecar lists what it imports
     port, admin = free_port(), free_port()
     args = [
         "--cert-dir", str(files.cert_dir), "--trust-dir", str(files.trust_dir),
@@ -87,6 +114,9 @@ async def test_file_mode_never_loads_cryptography(
         except (ssl.SSLError, ConnectionError):
             pass
         assert cryptography_mapped(proc.pid) == []
+    loaded = imported(capsys.readouterr().out)  # stop_sidecar printed the sidecar's stderr
+    assert {"kubemtls_sidecar.promtext", "prometheus_client.values", "h11"} <= loaded
+    assert sorted(loaded.intersection(LEFT_OUT)) == []
 
 
 # --- the vetting child, asked as the sidecar asks it --------------------------------------
