@@ -13,8 +13,13 @@ instruction counts do not (they repeat to within ~1 %). This runs each side of a
 
     .venv/bin/python bench/sidecar_instructions.py                      # ~4 min
     .venv/bin/python bench/sidecar_instructions.py --ref /tmp/ref/sidecar --peers ref,kubemtls
+    .venv/bin/python bench/sidecar_instructions.py --peers kubemtls --workloads rr  # ~1 min
 
-(``git archive REV sidecar | tar -x -C /tmp/ref`` gives a reference tree.) Kernel work
+(``git archive REV sidecar | tar -x -C /tmp/ref`` gives a reference tree; a peer may be
+named twice to see the run-to-run spread.) The sidecars run with ``PYTHONHASHSEED=0``
+(``--hashseed``): with random seeds, which names collide in CPython's type-attribute cache
+changes from run to run and moves a count by up to ~1 k instructions per request; what is
+left is ~±0.3 k (the periodic work of the process during the window). Kernel work
 (syscalls, loopback TCP) is not counted, and instructions are not time: a Python process
 runs fewer instructions per cycle than HAProxy. The callgrind files stay in --workdir for
 ``callgrind_annotate``.
@@ -47,7 +52,7 @@ LINKS = (
 )
 CLIENT = (
     LINKS % ("client", "client")
-    + "{env} OPENSSL_CONF={openssl_conf} exec "
+    + "{env} PYTHONHASHSEED={hashseed} OPENSSL_CONF={openssl_conf} exec "
     + VG
     + f" {PY} -m kubemtls_sidecar --cert-dir {{workdir}}/c --trust-dir {{workdir}}/t "
     "--outbound {client_port}={server_name}:{server_port} --resolve {server_name}={host} "
@@ -55,7 +60,7 @@ CLIENT = (
 )
 SERVER = (
     LINKS % ("server", "server")
-    + "{env} OPENSSL_CONF={openssl_conf} exec "
+    + "{env} PYTHONHASHSEED={hashseed} OPENSSL_CONF={openssl_conf} exec "
     + VG
     + f" {PY} -m kubemtls_sidecar --cert-dir {{workdir}}/c --trust-dir {{workdir}}/t "
     "--inbound {server_port}:{host}:{backend_port} --listen-address {host} "
@@ -138,6 +143,14 @@ def main() -> int:
     ap.add_argument("--conns", type=int, default=20)
     ap.add_argument("--requests", type=int, default=1600)
     ap.add_argument("--workdir", default="/tmp/kubemtls-instructions")
+    ap.add_argument("--workloads", default="conn,rr", help="conn, rr (comma list)")
+    ap.add_argument("--rr-conns", type=int, default=8, help="open connections of 'rr'")
+    ap.add_argument(
+        "--hashseed",
+        default="0",
+        help="PYTHONHASHSEED of the sidecars: str hashes place names in the type cache, so "
+        "a random seed moves counts by ~±1 k per request between runs",
+    )
     a = ap.parse_args()
     peers = load_harness()
     wd = pathlib.Path(a.workdir)
@@ -176,20 +189,20 @@ def main() -> int:
     }  # fmt: skip
     print("peer       workload  client kIr/op  server kIr/op")
     try:
-        for name in a.peers.split(","):
+        for i, name in enumerate(a.peers.split(",")):
             env = f"PYTHONPATH={a.ref}" if name == "ref" else ""
             if name == "ref" and not a.ref:
                 raise SystemExit("--peers ref needs --ref DIR")
             vals = dict(values, client_port=peers.free_port(), server_port=peers.free_port())
             launches, outs = {}, {}
             for role in ("server", "client"):
-                outs[role] = str(wd / f"{name}-{role}.cg")
+                outs[role] = str(wd / f"{i}-{name}-{role}.cg")
                 for old in glob.glob(outs[role] + "*"):
                     os.remove(old)
                 launch = peers.Launch(
                     pairs[name],
                     role,
-                    dict(vals, out=outs[role], env=env),
+                    dict(vals, out=outs[role], env=env, hashseed=a.hashseed),
                     str(wd / f"{name}-{role}"),
                     vals[role + "_port"],
                 )
@@ -198,10 +211,14 @@ def main() -> int:
             try:
                 pids = [launches[r].pids()[0] for r in ("client", "server")]
                 port = vals["client_port"]
-                runs: list[tuple[str, int, Coroutine[Any, Any, None]]] = [
-                    ("conn", a.conns, conn_workload(peers, port, a.conns, pids)),
-                    ("rr", a.requests, rr_workload(peers, port, a.requests, pids)),
-                ]
+                wanted = a.workloads.split(",")
+                runs: list[tuple[str, int, Coroutine[Any, Any, None]]] = []
+                if "conn" in wanted:
+                    runs.append(("conn", a.conns, conn_workload(peers, port, a.conns, pids)))
+                if "rr" in wanted:
+                    runs.append(
+                        ("rr", a.requests, rr_workload(peers, port, a.requests, pids, a.rr_conns))
+                    )
                 for workload, n, run in runs:
                     asyncio.run(run)
                     time.sleep(0.5)

@@ -1,12 +1,17 @@
 """The byte pump: two connection endpoints fused back to back, with half-close.
 
 This is the hot path. Endpoints are asyncio Protocols that hand each chunk they receive
-straight to their partner's ``write`` (no task wake-up per chunk, no StreamReader copy);
-flow control is the transports' own: when one side's send buffer fills, the other side
-stops reading (ghostunnel ``proxy.go`` ``fuse``/``copyData``, in callback form). At EOF a
-side half-closes its partner (``write_eof``); a connection closes when both directions
-have ended, when either side errors (RST/EPIPE are routine and logged at debug), or when
+straight to their partner (no task wake-up per chunk, no StreamReader copy); flow control
+is the transports' own: when one side's send buffer fills, the other side stops reading
+(ghostunnel ``proxy.go`` ``fuse``/``copyData``, in callback form). At EOF a side
+half-closes its partner (``write_eof``); a connection closes when both directions have
+ended, when either side errors (RST/EPIPE are routine and logged at debug), or when
 nothing moved for ``idle_timeout``.
+
+Per chunk, a fused side counts what it received (``bytes_in``) and calls its partner's
+``_send``: for a plain side that *is* its transport's ``write`` (no Python frame), for a
+TLS side the encrypt-and-send. What a side sent while fused is its partner's ``bytes_in``
+over that time (``bytes_out`` adds it), so each chunk is counted once.
 
 An endpoint that is not fused works as a small stream (``read``/``write``/``drain``/
 ``write_eof``/``close``) for code that must look at the bytes (``httpmode``).
@@ -35,7 +40,8 @@ class Endpoint(asyncio.Protocol):
         self.read_closed = False  # the peer ended its direction (EOF / close_notify)
         self.write_closed = False  # we ended ours
         self.bytes_in = 0  # plaintext received from this side's peer
-        self.bytes_out = 0  # plaintext written towards it
+        self._bytes_out = 0  # plaintext written towards it through ``write``/``writelines``
+        self._out_base = 0  # the partner's bytes_in when fused (see ``bytes_out``)
         self._on_connect = on_connect
         self._loop = asyncio.get_running_loop()
         self.closed: asyncio.Future[None] = self._loop.create_future()
@@ -45,6 +51,25 @@ class Endpoint(asyncio.Protocol):
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._reading_paused = False
         self.peername: tuple[str, int] | None = None
+
+    #: What a fused partner calls with plaintext for our peer, once it checked
+    #: ``write_closed``; counted by the caller (its ``bytes_in``). Plain: the transport's
+    #: ``write`` (set in ``connection_made``); TLS: a method.
+    _send: Callable[[bytes], None]
+    _send_many: Callable[[list[bytes]], None]  # the same for several chunks (vectored)
+
+    @property
+    def bytes_out(self) -> int:
+        """Plaintext written towards this side's peer (a fused partner's chunks included)."""
+        p = self.partner
+        if p is None:
+            return self._bytes_out
+        return self._bytes_out + p.bytes_in - self._out_base
+
+    @bytes_out.setter
+    def bytes_out(self, value: int) -> None:
+        p = self.partner
+        self._bytes_out = value if p is None else value - (p.bytes_in - self._out_base)
 
     # --- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -95,14 +120,14 @@ class Endpoint(asyncio.Protocol):
         """Send plaintext towards this side's peer."""
         if self.write_closed or self.transport is None:
             return
-        self.bytes_out += len(data)
+        self._bytes_out += len(data)
         self.transport.write(data)
 
     def writelines(self, chunks: list[bytes]) -> None:
         """Send several chunks at once (a vectored write: no join copy)."""
         if self.write_closed or self.transport is None:
             return
-        self.bytes_out += sum(map(len, chunks))
+        self._bytes_out += sum(map(len, chunks))
         self.transport.writelines(chunks)
 
     def write_eof(self) -> None:
@@ -180,7 +205,8 @@ class Endpoint(asyncio.Protocol):
         self.bytes_in += len(data)
         p = self.partner
         if p is not None:
-            p.write(data)
+            if not p.write_closed:
+                p._send(data)
             return
         self._rbuf += data
         self._wake_reader()
@@ -192,7 +218,8 @@ class Endpoint(asyncio.Protocol):
         p = self.partner
         if p is not None:
             self.bytes_in += sum(map(len, chunks))
-            p.writelines(chunks)
+            if not p.write_closed:
+                p._send_many(chunks)
         else:
             self._deliver(b"".join(chunks))
 
@@ -218,11 +245,17 @@ class Endpoint(asyncio.Protocol):
 class PlainEndpoint(Endpoint):
     """A plaintext TCP side (the app, or the local client of an outbound port)."""
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        t = typing.cast(asyncio.Transport, transport)
+        self._send, self._send_many = t.write, t.writelines  # no Python frame per chunk
+        super().connection_made(transport)
+
     def data_received(self, data: bytes) -> None:
         p = self.partner
         if p is not None:  # the fused hot path of _deliver, inlined (once per chunk)
             self.bytes_in += len(data)
-            p.write(data)
+            if not p.write_closed:
+                p._send(data)
         else:
             self._deliver(data)
 
@@ -233,6 +266,7 @@ class PlainEndpoint(Endpoint):
 
 async def fuse(a: Endpoint, b: Endpoint, *, idle_timeout: float = 0) -> None:
     """Pump bytes both ways between ``a`` and ``b`` until both directions end."""
+    a._out_base, b._out_base = b.bytes_in, a.bytes_in
     a.partner, b.partner = b, a
     for src, dst in ((a, b), (b, a)):
         if src._rbuf:
@@ -280,4 +314,6 @@ async def fuse(a: Endpoint, b: Endpoint, *, idle_timeout: float = 0) -> None:
         b.closed.remove_done_callback(on_closed)
         if timer is not None:
             timer.cancel()
+        out_a, out_b = a.bytes_out, b.bytes_out
         a.partner = b.partner = None
+        a._bytes_out, b._bytes_out = out_a, out_b

@@ -168,11 +168,31 @@ class TlsEndpoint(pipe.Endpoint):
 
     # --- asyncio.Protocol ------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        self._incoming.write(data)
-        if self.established:
-            self._read_ssl()
-        else:
+        incoming = self._incoming
+        incoming.write(data)
+        if not self.established:
             self._handshake_step()
+            return
+        try:
+            chunk = self._obj.read(_READ_SIZE)
+        except ssl.SSLError as e:
+            self._read_failed(e)
+            return
+        # The common case, one whole record (a shorter read than asked emptied its record:
+        # one record per read, no read-ahead) and nothing left: _read_ssl's work, inlined.
+        # What the read may have queued in the outgoing BIO (a KeyUpdate answer) leaves
+        # with our next write, before its data, as RFC 8446 §4.6.3 asks; or at write_eof.
+        if chunk and len(chunk) < _READ_SIZE and not incoming.pending:
+            p = self.partner
+            if p is not None:
+                self.bytes_in += len(chunk)
+                if not p.write_closed:
+                    send = p._send  # an instance attribute: LOAD_ATTR is specialized
+                    send(chunk)
+            else:
+                self._deliver(chunk)
+            return
+        self._read_ssl(chunk)
 
     def eof_received(self) -> bool:
         if not self.established:
@@ -202,38 +222,35 @@ class TlsEndpoint(pipe.Endpoint):
         super().connection_lost(exc)
 
     # --- data phase ------------------------------------------------------------------------
-    def _read_ssl(self) -> None:
+    def _read_ssl(self, first: bytes | None = None) -> None:
+        """Decrypt what the incoming BIO holds (``first``: what a read already returned)."""
         obj, incoming = self._obj, self._incoming
         chunks: list[bytes] = []
         eof = False
         try:
             while True:
-                chunk = obj.read(_READ_SIZE)
+                if first is None:
+                    chunk = obj.read(_READ_SIZE)
+                else:
+                    chunk, first = first, None
                 if not chunk:  # close_notify (CPython returns b"" until we send ours)
                     eof = True
                     break
                 chunks.append(chunk)
                 # Stop when nothing is left rather than on SSLWantReadError (a raise costs
-                # more than these two checks).
-                if not incoming.pending and not obj.pending():
+                # more than these checks). A read shorter than asked emptied its record
+                # (one record per read: no read-ahead), so obj.pending() (a GIL hand-off)
+                # can only be non-zero after a full-size read.
+                if not incoming.pending and (len(chunk) < _READ_SIZE or not obj.pending()):
                     break
-        except ssl.SSLWantReadError:
-            pass
-        except ssl.SSLZeroReturnError:
-            eof = True
         except ssl.SSLError as e:
-            self.failure = alerts.classify(e)
-            logger.debug("TLS error in the data phase: %s", e)
-            self._flush()
-            self.abort()
-            return
+            if not isinstance(e, ssl.SSLWantReadError | ssl.SSLZeroReturnError):
+                self._read_failed(e)
+                return
+            eof = isinstance(e, ssl.SSLZeroReturnError)
         if chunks:
-            p = self.partner
             if len(chunks) > 1:
                 self._deliver_many(chunks)
-            elif p is not None:  # the fused hot path of _deliver, inlined
-                self.bytes_in += len(chunks[0])
-                p.write(chunks[0])
             else:
                 self._deliver(chunks[0])
         if self._outgoing.pending:
@@ -241,31 +258,44 @@ class TlsEndpoint(pipe.Endpoint):
         if eof:
             self._deliver_eof()
 
-    def _encrypt(self, data: bytes) -> None:
-        self.bytes_out += len(data)
-        n = self._obj.write(data)  # a memory BIO takes it all at once
-        if n < len(data):
-            view = memoryview(data)[n:]
-            while view:
-                view = view[self._obj.write(view) :]
+    def _read_failed(self, e: ssl.SSLError) -> None:
+        """A read raised: a partial record (wait for more), close_notify, or a TLS error."""
+        if isinstance(e, ssl.SSLWantReadError):
+            self._flush()
+        elif isinstance(e, ssl.SSLZeroReturnError):
+            self._flush()
+            self._deliver_eof()
+        else:
+            self.failure = alerts.classify(e)
+            logger.debug("TLS error in the data phase: %s", e)
+            self._flush()
+            self.abort()
+
+    # SSL_write without SSL_MODE_ENABLE_PARTIAL_WRITE (CPython never sets it) writes all
+    # of ``data`` or raises, and a memory BIO always has room: no partial writes to resume.
+    def _send(self, data: bytes) -> None:
+        """Encrypt and send (a fused partner's chunk; it checked ``write_closed``)."""
+        self._obj.write(data)
+        self.transport.write(self._outgoing.read())  # type: ignore[union-attr]
+
+    def _send_many(self, chunks: list[bytes]) -> None:
+        obj = self._obj
+        for data in chunks:
+            obj.write(data)
+        self.transport.write(self._outgoing.read())  # type: ignore[union-attr]
 
     def write(self, data: bytes) -> None:
         if self.write_closed or self.transport is None or not self.established:
             return
-        self.bytes_out += len(data)  # _encrypt, inlined: this runs once per chunk
-        n = self._obj.write(data)
-        if n < len(data):  # a memory BIO takes it all at once; kept for safety
-            view = memoryview(data)[n:]
-            while view:
-                view = view[self._obj.write(view) :]
+        self._bytes_out += len(data)
+        self._obj.write(data)
         self.transport.write(self._outgoing.read())
 
     def writelines(self, chunks: list[bytes]) -> None:
         if self.write_closed or self.transport is None or not self.established:
             return
-        for data in chunks:
-            self._encrypt(data)
-        self.transport.write(self._outgoing.read())
+        self._bytes_out += sum(map(len, chunks))
+        self._send_many(chunks)
 
     def write_eof(self) -> None:
         """Send close_notify, then FIN; the peer may still send to us (TLS half-close)."""
