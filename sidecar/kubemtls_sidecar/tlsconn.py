@@ -180,8 +180,9 @@ class TlsEndpoint(pipe.Endpoint):
             return
         # The common case, one whole record (a shorter read than asked emptied its record:
         # one record per read, no read-ahead) and nothing left: _read_ssl's work, inlined.
-        # What the read may have queued in the outgoing BIO (a KeyUpdate answer) leaves
-        # with our next write, before its data, as RFC 8446 §4.6.3 asks; or at write_eof.
+        # The outgoing BIO is not checked here: a peer's KeyUpdate (update_requested)
+        # queues nothing on read; OpenSSL 3 sends our answer with our next SSL_write,
+        # ahead of its data, as RFC 8446 §4.6.3 asks (tests/sidecar/test_keyupdate.py).
         if chunk and len(chunk) < _READ_SIZE and not incoming.pending:
             p = self.partner
             if p is not None:
@@ -254,7 +255,7 @@ class TlsEndpoint(pipe.Endpoint):
             else:
                 self._deliver(chunks[0])
         if self._outgoing.pending:
-            self._flush()  # e.g. a KeyUpdate answer
+            self._flush()  # e.g. an alert OpenSSL queued while reading
         if eof:
             self._deliver_eof()
 
