@@ -15,10 +15,14 @@ import random
 import sys
 from collections.abc import Sequence
 
-import kopf
-import uvloop
+from kubemtls_operator import memory
 
-from kubemtls_operator import config, errors
+memory.prepare_process()  # before kopf is imported: it would load what we never use
+
+import kopf  # noqa: E402
+import uvloop  # noqa: E402
+
+from kubemtls_operator import config, errors  # noqa: E402
 
 __all__ = ["main", "parse_args"]
 
@@ -60,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             standalone=not cfg.peering,
             peering_name=cfg.peering or None,
             priority=random.randint(1, 2**31),  # noqa: S311 - distinct, not secret
-            memo=kopf.Memo(config=cfg),
+            memo=memory.shared_memo(config=cfg),  # one for all objects (memory.py)
         )
     return 0
 

@@ -24,6 +24,7 @@ from kubemtls_operator import (
     config,
     errors,
     kube,
+    memory,
     metrics,
     recorder,
     rollover,
@@ -184,4 +185,5 @@ async def start(cfg: config.Config, *, pods: Any, certs: Any, client: kube.Clien
     interval = cfg.check_interval.total_seconds()
     rt.tasks.append(asyncio.create_task(manager.run(interval), name="kubemtls CA"))
     rt.tasks.append(asyncio.create_task(rt.checker.run(interval), name="kubemtls sweep"))
+    rt.tasks.append(asyncio.create_task(memory.keep_trimmed(), name="kubemtls heap trim"))
     return rt
