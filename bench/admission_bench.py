@@ -48,6 +48,7 @@ import uuid
 from typing import Any
 
 import aiohttp
+import wrkkit  # bench/wrkkit.py (this directory is on sys.path when run as a script)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 POD: dict[str, Any] = {
@@ -207,15 +208,8 @@ wrk.method = "POST"
 wrk.body = f:read("*a")
 f:close()
 wrk.headers["Content-Type"] = "application/json"
-
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    "WRK_RESULT %%d %%d %%d %%d %%d %%d %%d\\n", summary.requests, summary.duration,
-    e.connect + e.read + e.write + e.timeout, e.status,
-    latency:percentile(50), latency:percentile(99), latency.max))
-end
 """
+_WRK_SCRIPT += wrkkit.DONE_LUA
 
 
 def load_wrk(
@@ -235,10 +229,9 @@ def load_wrk(
         [*cmd[:-1], f"-d{max(1, round(seconds))}s", url], check=True, capture_output=True, text=True
     ).stdout
     cpu, gen = cpu_seconds(pid) - cpu0, _rusage(resource.RUSAGE_CHILDREN) - gen0
-    line = next(x for x in out.splitlines() if x.startswith("WRK_RESULT"))
-    n, duration_us, errors, non2xx, p50, p99, top = (int(x) for x in line.split()[1:])
+    r = wrkkit.result(out)
     return _figures(
-        n, errors + non2xx, duration_us / 1e6, p50 / 1e6, p99 / 1e6, top / 1e6, cpu, gen
+        r.requests, r.socket_errors + r.non_2xx, r.seconds, r.p50, r.p99, r.max, cpu, gen
     )
 
 

@@ -57,6 +57,7 @@ import time
 from typing import Any
 
 import aiohttp
+import wrkkit  # bench/wrkkit.py (this directory is on sys.path when run as a script)
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -347,15 +348,8 @@ if gap > 0 then
     return d
   end
 end
-
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    "WRK_RESULT %%d %%d %%d %%d %%d %%d %%d\n", summary.requests, summary.duration,
-    e.connect + e.read + e.write + e.timeout, e.status,
-    latency:percentile(50), latency:percentile(99), latency.max))
-end
 """
+_WRK_SCRIPT += wrkkit.DONE_LUA
 
 
 def _rusage_children() -> float:
@@ -384,10 +378,11 @@ def run_wrk(
         [*cmd, f"-d{max(1, round(seconds))}s", url], check=True, capture_output=True, text=True
     ).stdout
     gen = _rusage_children() - gen0
-    line = next(x for x in out.splitlines() if x.startswith("WRK_RESULT"))
-    n, duration_us, errs, non2xx, p50, p99, _ = (int(x) for x in line.split()[1:])
-    errors: dict[Any, int] = {k: v for k, v in (("socket", errs), ("non-2xx", non2xx)) if v}
-    return n - non2xx, duration_us / 1e6, errors, p50 / 1e6, p99 / 1e6, gen
+    r = wrkkit.result(out)
+    errors: dict[Any, int] = {
+        k: v for k, v in (("socket", r.socket_errors), ("non-2xx", r.non_2xx)) if v
+    }
+    return r.requests - r.non_2xx, r.seconds, errors, r.p50, r.p99, gen
 
 
 async def throughput(

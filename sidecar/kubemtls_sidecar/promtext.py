@@ -28,9 +28,29 @@ import re
 import sys
 from typing import TYPE_CHECKING, SupportsFloat
 
-__all__ = ["CONTENT_TYPE", "CollectorRegistry", "Counter", "Gauge", "Histogram", "render"]
+__all__ = [
+    "CONTENT_TYPE",
+    "HTTP_STACK",
+    "CollectorRegistry",
+    "Counter",
+    "Gauge",
+    "Histogram",
+    "render",
+]
 
 _PKG = "prometheus_client"
+
+#: Modules the package ``__init__`` (its ``exposition``) would load and a process using only
+#: this module does without (the sidecar's tests check that none of them is ever loaded).
+HTTP_STACK = (
+    "prometheus_client.exposition",
+    "http.server",
+    "http.client",
+    "urllib.request",
+    "wsgiref.simple_server",
+    "email.message",
+    "gzip",
+)
 
 #: Sent with ``render``'s body (prometheus-client's ``CONTENT_TYPE_PLAIN_0_0_4``).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -20,17 +20,6 @@ from kubemtls_sidecar import metrics, promtext
 from prometheus_client import exposition, metrics_core, registry, samples
 from testkit import REPO
 
-#: What ``prometheus_client.exposition`` imports and the sidecar must not keep loaded.
-HTTP_STACK = (
-    "prometheus_client.exposition",
-    "http.server",
-    "http.client",
-    "urllib.request",
-    "wsgiref.simple_server",
-    "email.message",
-    "gzip",
-)
-
 
 class _Odd(registry.Collector):
     """Families the metric classes never make: gauge histogram, unknown, timestamps, odd names."""
@@ -132,7 +121,7 @@ print(json.dumps({
 
 def test_a_fresh_sidecar_loads_no_http_stack_and_the_package_still_works() -> None:
     done = subprocess.run(
-        [sys.executable, "-c", _FRESH % (HTTP_STACK,)],
+        [sys.executable, "-c", _FRESH % (promtext.HTTP_STACK,)],
         cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     assert json.loads(done.stdout) == {

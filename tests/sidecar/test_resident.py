@@ -29,20 +29,11 @@ from dataplane import (
     sidecar_process,
 )
 from kubemtls_operator import pki
-from kubemtls_sidecar import der, vetted
+from kubemtls_sidecar import der, promtext, vetted
 from testkit import TestPKI, eventually, free_port, utcnow
 
 #: Modules the long-running sidecar does without (issue 5: idle RSS).
-LEFT_OUT = (
-    "prometheus_client.exposition",
-    "http.server",
-    "http.client",
-    "urllib.request",
-    "wsgiref.simple_server",
-    "email.message",
-    "shutil",
-    "_strptime",
-)
+LEFT_OUT = (*promtext.HTTP_STACK, "shutil", "_strptime")
 
 
 def imported(stderr: str) -> set[str]:
