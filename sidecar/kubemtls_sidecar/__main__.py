@@ -56,6 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         import asyncio
 
+        from kubemtls_sidecar import pipe
+
+        pipe.steady_allocator()  # bulk chunks reuse heap pages instead of faulting (pipe.py)
         with asyncio.Runner(loop_factory=_loop_factory) as runner:
             return runner.run(app.run(cfg))
     except errors.ConfigError as e:
