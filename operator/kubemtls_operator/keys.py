@@ -37,6 +37,7 @@ __all__ = [
     "generate_key",
     "key_pem",
     "load_csr",
+    "load_csr_key",
     "preencoded",
     "same_public_key",
     "signature_hash",
@@ -178,6 +179,12 @@ def load_csr(pem: bytes | str) -> x509.CertificateSigningRequest:
         CSRWeakKey: a key kubemtls does not sign for (see :func:`check_public_key`).
         CSRBadSignature: the signature does not verify with the CSR's own key.
     """
+    return load_csr_key(pem)[0]
+
+
+def load_csr_key(pem: bytes | str) -> tuple[x509.CertificateSigningRequest, PublicKey]:
+    """:func:`load_csr`, and the CSR's checked public key (the signer's hot path: the key
+    object is built once, not again by ``issue_leaf``). Raises as :func:`load_csr`."""
     data = pem.encode() if isinstance(pem, str) else pem
     if b"-----BEGIN CERTIFICATE REQUEST-----" not in data:
         raise CSRInvalid("the CSR is not PEM: expected '-----BEGIN CERTIFICATE REQUEST-----'")
@@ -191,7 +198,7 @@ def load_csr(pem: bytes | str) -> x509.CertificateSigningRequest:
         public_key = csr.public_key()
     except (ValueError, UnsupportedAlgorithm) as e:
         raise CSRWeakKey(f"the CSR's key type is not supported: {e}") from e
-    check_public_key(public_key)
+    checked = check_public_key(public_key)
     try:
         valid = csr.is_signature_valid
     except Exception as e:  # an unsupported signature algorithm
@@ -201,4 +208,4 @@ def load_csr(pem: bytes | str) -> x509.CertificateSigningRequest:
             "the CSR's signature does not verify: it was not signed by its own key "
             "or was changed after signing"
         )
-    return csr
+    return csr, checked

@@ -57,6 +57,7 @@ __all__ = [
     "key_pem",
     "load_ca",
     "load_csr",
+    "load_csr_key",
     "renewal_time",
     "trust_bundle",
 ]
@@ -70,6 +71,7 @@ CSRBadSignature = keys.CSRBadSignature
 CSRWeakKey = keys.CSRWeakKey
 generate_key = keys.generate_key
 load_csr = keys.load_csr
+load_csr_key = keys.load_csr_key
 cert_pem = keys.cert_pem
 key_pem = keys.key_pem
 CA = authority.CA
@@ -182,11 +184,29 @@ def issue_leaf(
     return builder.sign(ca.key, signing.digest)
 
 
+# What many leaves share, checked and built once (a namespace's OU, a service account's SPIFFE
+# ID, a Service's DNS names): ~25 us of each leaf's ~40 us of subject and SANs. Bounded LRUs
+# of small immutable values; a malformed name raises every time (errors are not cached).
+@functools.lru_cache(maxsize=1024)
+def _ou(organizational_unit: str) -> x509.NameAttribute[str]:
+    return x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, organizational_unit)
+
+
+@functools.lru_cache(maxsize=4096)
+def _spiffe_uri(spiffe_id: str) -> x509.UniformResourceIdentifier:
+    certs.parse_spiffe_id(spiffe_id)  # raises IdentityError
+    return x509.UniformResourceIdentifier(spiffe_id)
+
+
+@functools.lru_cache(maxsize=4096)
+def _dns_name(name: str) -> x509.DNSName:
+    return x509.DNSName(_check_dns_name(name))
+
+
 def _leaf_subject(identity: LeafIdentity) -> x509.Name:
     attrs = [authority.ORGANIZATION]
     if identity.organizational_unit:
-        ou = identity.organizational_unit[:64]  # ub-organizational-unit-name (RFC 5280)
-        attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou))
+        attrs.append(_ou(identity.organizational_unit[:64]))  # ub-organizational-unit-name
     if identity.common_name:
         cn = identity.common_name[:64]  # ub-common-name; pod names may be up to 253
         attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
@@ -196,9 +216,8 @@ def _leaf_subject(identity: LeafIdentity) -> x509.Name:
 def _sans(identity: LeafIdentity) -> list[x509.GeneralName]:
     sans: list[x509.GeneralName] = []
     if identity.spiffe_id:
-        certs.parse_spiffe_id(identity.spiffe_id)  # raises IdentityError
-        sans.append(x509.UniformResourceIdentifier(identity.spiffe_id))
-    sans.extend(x509.DNSName(_check_dns_name(dns)) for dns in identity.dns_names)
+        sans.append(_spiffe_uri(identity.spiffe_id))  # raises IdentityError
+    sans.extend([_dns_name(dns) for dns in identity.dns_names])
     for ip in identity.ip_addresses:
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(ip)))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -46,12 +47,15 @@ class CertView:
     @classmethod
     def from_status(cls, status: Mapping[str, Any] | None) -> CertView:
         s = status or {}
+        parse = revocation.parse_time
         return cls(
-            serial=s.get("serial") or "",
-            issuer=s.get("issuer") or "",
-            not_before=revocation.parse_time(s.get("notBefore")),
-            not_after=revocation.parse_time(s.get("notAfter")),
-            renewal_time=revocation.parse_time(s.get("renewalTime")),
+            s.get("serial") or "",
+            # Interned: the MTLSCert index keeps one view per object, and they share a few
+            # issuers (10,000 copies of one subject otherwise).
+            sys.intern(s.get("issuer") or ""),
+            parse(s.get("notBefore")),
+            parse(s.get("notAfter")),
+            parse(s.get("renewalTime")),
         )
 
 

@@ -42,22 +42,21 @@ class CertRecord:
 
     @classmethod
     def from_body(cls, body: Any) -> CertRecord:
+        # Runs on every MTLSCert watch event (each status write): no generator, no
+        # dataclasses.replace (from_status interns the issuer itself).
         st = body.get("status") or {}
-        conds = tuple(
+        conds = [
             (c.get("type", ""), c.get("status", ""), c.get("reason", ""))
             for c in st.get("conditions") or ()
-        )
+        ]
         meta = body["metadata"]
-        view = status.CertView.from_status(st)
-        if view.issuer:
-            view = dataclasses.replace(view, issuer=sys.intern(view.issuer))
         return cls(
             sys.intern(meta["namespace"]),
             meta["name"],
             meta.get("uid", ""),
-            view,
+            status.CertView.from_status(st),
             sys.intern(st.get("phase", "")),
-            _shared(conds),
+            _shared(tuple(conds)),
         )
 
 
