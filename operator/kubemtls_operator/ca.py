@@ -50,7 +50,7 @@ class Manager:
 
     client: kube.Client
     cfg: config.Config
-    #: Issuer DNs of live certificates (from the MTLSCert index), for retiring an old CA.
+    #: Issuer DNs of live certificates (from the MTLSCert cache, certwatch), for retiring an old CA.
     live_issuers: Callable[[], frozenset[str]] = lambda: frozenset()
     #: Called with the new authority whenever the bundle or the CRLs change.
     on_change: Callable[[rollover.Authority], Awaitable[None]] | None = None
@@ -225,7 +225,7 @@ class Manager:
             and not auth.ambiguous  # retires by time: its name is the signing CA's too
             and step.detail in await self._store.live_issuers()
         ):
-            return False  # the MTLSCert index was not filled yet (just started): not yet
+            return False  # the MTLSCert cache was not filled yet (just started): not yet
         if step.action in ("retire", "prune"):
             await self._retire(auth, step, ro, secret_rv, state_rv)
             return True

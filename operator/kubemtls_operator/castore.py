@@ -152,7 +152,7 @@ class Store:
     async def live_issuers(self) -> frozenset[str]:
         """Issuer DNs of unexpired certificates, from a LIST of every MTLSCert.
 
-        Asked only before retiring a CA (rare): right after a start, kopf's index may not
+        Asked only before retiring a CA (rare): right after a start, the MTLSCert cache may not
         hold every MTLSCert yet, and retiring a CA whose leaves live is an outage.
         """
         group, version = naming.CRD_API_VERSION.split("/")

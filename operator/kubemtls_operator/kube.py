@@ -169,6 +169,47 @@ class Client:
         items = data.get("items") or []
         return list(items)
 
+    async def watch(
+        self,
+        path: str,
+        on_event: Callable[[Obj], None],
+        *,
+        resource_version: str,
+        timeout_seconds: int = 300,
+    ) -> None:
+        """One watch stream from ``resource_version`` (with bookmarks), each event to
+        ``on_event`` (the JSON line parsed once), until the server ends it (``timeout_seconds``).
+
+        ``on_event`` may raise to end the stream early; that exception propagates.
+
+        Raises:
+            errors.APIError: an error status (``status=410``: the resourceVersion is too old),
+                or the connection failed.
+        """
+        params = {
+            "watch": "true",
+            "resourceVersion": resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(timeout_seconds),
+        }
+        # No total timeout (the stream lasts timeout_seconds); a silent stream past that is dead.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=timeout_seconds + 30)
+        try:
+            async with self._session.get(self._base + path, params=params, timeout=timeout) as rsp:
+                if rsp.status >= 400:
+                    raw = await rsp.read()
+                    raise errors.APIError(
+                        f"watch {path}: {rsp.status} {raw[:200]!r}", status=rsp.status
+                    )
+                rest = b""
+                async for chunk in rsp.content.iter_any():
+                    *lines, rest = (rest + chunk).split(b"\n")
+                    for line in lines:
+                        if line:
+                            on_event(orjson.loads(line))
+        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+            raise errors.APIError(f"watch {path}: {e}") from e
+
     async def token_review(self, token: str, audiences: list[str]) -> Obj:
         """POST a TokenReview; returns its ``status``."""
         body = {

@@ -1,7 +1,8 @@
 """The operator process's memory hygiene: what it never imports, shares, and gives back.
 
 Issue 3 bounds the operator's RSS with 10,000 MTLSCerts (10,000 pods and their MTLSCerts,
-each watched by kopf). Measured with ``bench/operator_heap.py`` (tracemalloc) and
+the pods watched by kopf, the MTLSCerts by ``certwatch``). Measured with
+``bench/operator_heap.py`` (tracemalloc) and
 ``bench/signing_bench.py --seconds 0 --pods 0 --rss-certs 10000``:
 
 - kopf imports the ``kubernetes`` client when it is installed (it is a dependency of ours),

@@ -114,7 +114,7 @@ class Signer:
     recorder: recorder.Recorder
     #: (namespace, name) → the pod's facts, from the kopf index (or the API on a miss).
     lookup_pod: Callable[[str, str], Awaitable[workload.PodFacts | None]]
-    #: (namespace, name) → what the MTLSCert's status says (the kopf index).
+    #: (namespace, name) → what the MTLSCert's status says (``certwatch.Cache``).
     cert_status: Callable[[str, str], status.CertView | None]
     _identities: dict[workload.PodFacts, tuple[pki.LeafIdentity, datetime.timedelta]] = (
         dataclasses.field(default_factory=dict)

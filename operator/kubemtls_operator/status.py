@@ -50,8 +50,8 @@ class CertView:
         parse = revocation.parse_time
         return cls(
             s.get("serial") or "",
-            # Interned: the MTLSCert index keeps one view per object, and they share a few
-            # issuers (10,000 copies of one subject otherwise).
+            # Interned: the MTLSCert cache (certwatch) keeps one view per object, and they share
+            # a few issuers (10,000 copies of one subject otherwise).
             sys.intern(s.get("issuer") or ""),
             parse(s.get("notBefore")),
             parse(s.get("notAfter")),

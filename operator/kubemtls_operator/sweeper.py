@@ -1,10 +1,11 @@
 """The periodic check of every MTLSCert: phase, conditions and expiry Events.
 
-One loop for all certificates (every CHECK_INTERVAL), reading the MTLSCert kopf index, not
-one kopf timer per object: a timer is a task per MTLSCert, and 10,000 of them cost more
-memory than the whole operator may use. Each MTLSCert is evaluated with ``status.evaluate``
-and written only when its phase or a condition changed (so repeated sweeps, or two
-replicas sweeping, write nothing new); a change worth a warning posts an Event on it.
+One loop for all certificates (every CHECK_INTERVAL), reading the MTLSCert cache
+(``certwatch``), not one kopf timer per object: a timer is a task per MTLSCert, and 10,000
+of them cost more memory than the whole operator may use. Each MTLSCert is evaluated with
+``status.evaluate`` and written only when its phase or a condition changed (so repeated
+sweeps, or two replicas sweeping, write nothing new); a change worth a warning posts an
+Event on it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ SWEEP_SLICE = 200
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class CertRecord:
-    """What the MTLSCert index keeps per object (small: 10,000 of them must fit)."""
+    """What the MTLSCert cache keeps per object (small: 10,000 of them must fit)."""
 
     namespace: str
     name: str

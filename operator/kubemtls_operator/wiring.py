@@ -3,8 +3,9 @@
 ``handlers/lifecycle.py`` calls :func:`start` on kopf's startup and :meth:`Runtime.stop`
 on cleanup; the handlers reach the parts through ``memo.runtime``. Here: the API client,
 the CA manager and its loop, the trust publisher, the signing API (HTTPS), metrics and
-health endpoints, the recorder and the MTLSCert sweeper, and the serving certificate that
-the signing API and kopf's webhook server share.
+health endpoints, the recorder, the MTLSCert cache (``certwatch``: our own list + watch,
+not kopf's) and sweeper, and the serving certificate that the signing API and kopf's
+webhook server share.
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import functools
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from aiohttp import web
 
 from kubemtls_operator import (
     ca,
+    certwatch,
     config,
     errors,
     kube,
@@ -53,7 +56,9 @@ class Runtime:
     checker: sweeper.Sweeper
     serving: serving.ServingCert
     pods: Any  # the kopf index: (ns, name) → [PodFacts]
-    certs: Any  # the kopf index: (ns, name) → [CertRecord]
+    certs: certwatch.Cache  # (ns, name) → CertRecord, and revocation requests
+    #: This replica's kopf peering priority (None: standalone); revocation runs on the top one.
+    peering_priority: int | None = None
     runners: list[web.AppRunner] = dataclasses.field(default_factory=list)
     tasks: list[asyncio.Task[None]] = dataclasses.field(default_factory=list)
     #: pod UIDs whose MTLSCert is known to exist and be current (saves API calls).
@@ -85,13 +90,11 @@ class Runtime:
         return workload.facts(body) if body is not None else None
 
     def cert_status(self, namespace: str, name: str) -> status.CertView | None:
-        for rec in self.certs.get((namespace, name), ()):
-            return rec.view  # type: ignore[no-any-return]
-        return None
+        rec = self.certs.get(namespace, name)
+        return rec.view if rec is not None else None
 
     def cert_records(self) -> Iterable[sweeper.CertRecord]:
-        for key in list(self.certs):
-            yield from self.certs.get(key, ())
+        return self.certs.values()
 
     def live_issuers(self) -> frozenset[str]:
         now = datetime.datetime.now(datetime.UTC)
@@ -146,8 +149,27 @@ def _ops_app(rt: Runtime) -> web.Application:
     return app
 
 
-async def start(cfg: config.Config, *, pods: Any, certs: Any, client: kube.Client) -> Runtime:
-    """Build every part, load (or bootstrap) the CA, and start the servers and loops."""
+#: How long start-up waits for the first list of MTLSCerts (CA retirement and /v1/trust read
+#: it) before it goes on without (the watch keeps trying; the sweeper only sees fewer).
+SYNC_TIMEOUT = 10.0
+
+Revoke = Callable[[Runtime, dict[str, Any]], Awaitable[None]]
+
+
+async def start(
+    cfg: config.Config,
+    *,
+    pods: Any,
+    client: kube.Client,
+    revoke: Revoke | None = None,
+    peering_priority: int | None = None,
+) -> Runtime:
+    """Build every part, load (or bootstrap) the CA, and start the servers and loops.
+
+    ``revoke(rt, mtlscert)``: what an MTLSCert annotated ``kubemtls.io/revoke`` gets
+    (``handlers.certs.revoke_requested``); None: the annotation is ignored.
+    ``peering_priority``: this replica's (kopf peering; None when standalone).
+    """
     publisher = trust.Publisher(client)
     manager = ca.Manager(client, cfg)
     rec = recorder.Recorder(client, cfg)
@@ -161,14 +183,23 @@ async def start(cfg: config.Config, *, pods: Any, certs: Any, client: kube.Clien
         serving=serving.ServingCert(cfg),
         checker=None,  # type: ignore[arg-type]
         pods=pods,
-        certs=certs,
+        certs=certwatch.Cache(client),
+        peering_priority=peering_priority,
     )
+    if revoke is not None:
+        rt.certs.act = functools.partial(revoke, rt)
     rt.checker = sweeper.Sweeper(client, cfg, manager, rec, rt.cert_records)
     rec.context = lambda issued: rt.checker.context(
         status.CertView(issued.serial, issued.issuer, issued.not_before, issued.not_after)
     )
     manager.live_issuers = rt.live_issuers
     manager.on_change = rt.on_ca_change
+    rt.tasks.append(asyncio.create_task(rt.certs.run(), name="kubemtls MTLSCert watch"))
+    try:
+        async with asyncio.timeout(SYNC_TIMEOUT):
+            await rt.certs.synced.wait()
+    except TimeoutError:
+        logger.warning("MTLSCerts not listed within %.0fs; starting without them", SYNC_TIMEOUT)
     now = datetime.datetime.now(datetime.UTC)
     with contextlib.suppress(errors.CAUnavailable, errors.APIError):
         await manager.reconcile()

@@ -16,6 +16,7 @@ from typing import Any
 import kopf
 
 from kubemtls_operator import admissionserver, config, kopfsettings, kube, wiring
+from kubemtls_operator.handlers import certs
 
 __all__ = ["operator_cleanup", "operator_login", "operator_startup"]
 
@@ -47,7 +48,11 @@ async def operator_startup(
     kopfsettings.apply(settings)  # cheaper per-event processing (see the module)
     client = kube.Client.from_login(settings)
     rt = await wiring.start(
-        cfg, pods=kwargs["pod_index"], certs=kwargs["mtlscert_index"], client=client
+        cfg,
+        pods=kwargs["pod_index"],
+        client=client,
+        revoke=certs.revoke_requested,
+        peering_priority=settings.peering.priority if cfg.peering else None,
     )
     memo.runtime = rt
     settings.admission.server = admissionserver.WebhookServer(
