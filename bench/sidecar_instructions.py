@@ -14,6 +14,9 @@ instruction counts do not (they repeat to within ~1 %). This runs each side of a
     .venv/bin/python bench/sidecar_instructions.py                      # ~4 min
     .venv/bin/python bench/sidecar_instructions.py --ref /tmp/ref/sidecar --peers ref,kubemtls
     .venv/bin/python bench/sidecar_instructions.py --peers kubemtls --workloads rr  # ~1 min
+    .venv/bin/python bench/sidecar_instructions.py --cpu --ref /tmp/ref/sidecar \
+        --peers ref,kubemtls,haproxy,ref,kubemtls,haproxy --workloads rr --rr-conns 32 \
+        --requests 32000     # no valgrind: user/system CPU us per request of each side
 
 (``git archive REV sidecar | tar -x -C /tmp/ref`` gives a reference tree; a peer may be
 named twice to see the run-to-run spread.) The sidecars run with ``PYTHONHASHSEED=0``
@@ -22,7 +25,15 @@ changes from run to run and moves a count by up to ~1 k instructions per request
 left is ~±0.3 k (the periodic work of the process during the window). Kernel work
 (syscalls, loopback TCP) is not counted, and instructions are not time: a Python process
 runs fewer instructions per cycle than HAProxy. The callgrind files stay in --workdir for
-``callgrind_annotate``.
+``callgrind_annotate``. Its default view of a dump here lists only the frames that were on
+the stack when the counters were zeroed (``PyObject_Vectorcall'2`` ...); ask for every
+function and for inclusive costs, then read a function's callers and callees:
+
+    callgrind_annotate --inclusive=yes --threshold=100 --auto=no W/1-kubemtls-client.cg.1
+    callgrind_annotate --inclusive=yes --threshold=100 --auto=no --tree=caller W/... >tree
+    grep -B12 -E '[*]  .*:(malloc|PyEval_RestoreThread|PyBytes_FromStringAndSize) ' tree
+
+(drop ``--inclusive=yes`` for self costs; below the stack frames they are meaningful).
 """
 
 from __future__ import annotations
@@ -77,8 +88,22 @@ def load_harness() -> Any:
     return mod
 
 
+#: --cpu: (utime, stime) clock ticks per pid at "-z", then their growth at "-d".
+CPU_TICKS: dict[int, tuple[int, int]] = {}
+CPU_MODE = False  # set by --cpu
+
+
 def ctl(pid: int, what: str) -> None:
-    subprocess.run(["callgrind_control", what, str(pid)], check=True, capture_output=True)
+    """Zero (-z) or dump (-d) a side's counters: callgrind's, or its CPU ticks (--cpu)."""
+    if not CPU_MODE:
+        subprocess.run(["callgrind_control", what, str(pid)], check=True, capture_output=True)
+        return
+    stat = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = (int(stat[11]), int(stat[12]))
+    if what == "-z":
+        CPU_TICKS[pid] = ticks
+    else:
+        CPU_TICKS[pid] = (ticks[0] - CPU_TICKS[pid][0], ticks[1] - CPU_TICKS[pid][1])
 
 
 def last_total(prefix: str) -> int:
@@ -151,7 +176,16 @@ def main() -> int:
         help="PYTHONHASHSEED of the sidecars: str hashes place names in the type cache, so "
         "a random seed moves counts by ~±1 k per request between runs",
     )
+    ap.add_argument(
+        "--cpu",
+        action="store_true",
+        help="no valgrind: user/system CPU microseconds per operation of each side "
+        "(/proc/PID/stat; noisy on a shared machine: interleave peers, e.g. ref,kubemtls,"
+        "ref,kubemtls, with --rr-conns 32 --requests 32000)",
+    )
     a = ap.parse_args()
+    global CPU_MODE
+    CPU_MODE = a.cpu
     peers = load_harness()
     wd = pathlib.Path(a.workdir)
     wd.mkdir(parents=True, exist_ok=True)
@@ -160,13 +194,17 @@ def main() -> int:
     template = pathlib.Path(peers.TEMPLATES, "openssl-tls13.cnf").read_text()
     osslconf.write_text(peers.render(template, {"ciphersuites": peers.DEFAULT_CIPHERSUITES}))
     hp = peers.BUILTIN_PEERS["haproxy"]
+
+    def vg(command: str) -> str:
+        return command.replace(VG + " ", "") if a.cpu else command
+
     pairs = {
-        "kubemtls": peers.Peer("kubemtls", CLIENT, SERVER),
-        "ref": peers.Peer("ref", CLIENT, SERVER),
+        "kubemtls": peers.Peer("kubemtls", vg(CLIENT), vg(SERVER)),
+        "ref": peers.Peer("ref", vg(CLIENT), vg(SERVER)),
         "haproxy": peers.Peer(
             "haproxy",
-            f"exec {VG} haproxy -db -f {{workdir}}/haproxy-client.cfg",
-            f"exec {VG} haproxy -db -f {{workdir}}/haproxy-server.cfg",
+            vg(f"exec {VG} haproxy -db -f {{workdir}}/haproxy-client.cfg"),
+            vg(f"exec {VG} haproxy -db -f {{workdir}}/haproxy-server.cfg"),
             hp.templates,
         ),
     }
@@ -187,7 +225,8 @@ def main() -> int:
         "workers": 1, "openssl_conf": str(osslconf), "bench_dir": peers.HERE,
         "python": sys.executable,
     }  # fmt: skip
-    print("peer       workload  client kIr/op  server kIr/op")
+    unit = "us user/sys per op" if a.cpu else "kIr/op"
+    print(f"peer       workload  client {unit}  server {unit}")
     try:
         for i, name in enumerate(a.peers.split(",")):
             env = f"PYTHONPATH={a.ref}" if name == "ref" else ""
@@ -222,6 +261,15 @@ def main() -> int:
                 for workload, n, run in runs:
                     asyncio.run(run)
                     time.sleep(0.5)
+                    if a.cpu:
+                        us = 1e6 / os.sysconf("SC_CLK_TCK") / n
+                        cols = [
+                            f"{CPU_TICKS[p][0] * us:8.1f}/{CPU_TICKS[p][1] * us:.1f}" for p in pids
+                        ]
+                        print(
+                            f"{name:10s} {workload:8s} {cols[0]:>15s}  {cols[1]:>15s}", flush=True
+                        )
+                        continue
                     per = [last_total(outs[r]) / n / 1e3 for r in ("client", "server")]
                     print(f"{name:10s} {workload:8s} {per[0]:13.1f}  {per[1]:13.1f}", flush=True)
             finally:
