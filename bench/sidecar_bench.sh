@@ -36,6 +36,14 @@ if [ -n "${REF_TREE:-}" ]; then
         "$(echo "$SERVER" | sed "s|OPENSSL_CONF=|$REFPP|")" "$@"
 fi
 
+# ALT_SIDECAR=PATH adds a pair "kubemtls-alt" running another installation's
+# kubemtls-sidecar (e.g. a venv built on a PGO+LTO Python, as the image's is): same code,
+# another interpreter, in the same run.
+if [ -n "${ALT_SIDECAR:-}" ]; then
+    set -- --plugin kubemtls-alt "$(echo "$CLIENT" | sed "s|exec $SIDECAR|exec $ALT_SIDECAR|")" \
+        "$(echo "$SERVER" | sed "s|exec $SIDECAR|exec $ALT_SIDECAR|")" "$@"
+fi
+
 exec python3 "$HARNESS" --peers "${PEERS:-haproxy,nginx,stunnel}" \
     --plugin kubemtls "$CLIENT" "$SERVER" \
     --out "bench/out/sidecar-$STAMP.json" --md "bench/out/sidecar-$STAMP.md" "$@"

@@ -17,14 +17,18 @@ Load generators for 1. (``--generator``; the output says which one ran and what 
   thread, ``--clients`` kept-alive TLS connections, a Lua script cycling through one
   pre-generated (token, CSR) pair per client pod; pacing (``--rate``) by one shared
   schedule in ``delay()``; percentiles from wrk's histogram (latency from each request's
-  write, so TLS handshakes are not in it). It does not verify the signer's certificate
+  write, so TLS handshakes are not in it; but warm-up and measurement are two wrk
+  processes, so the measured window opens with all ``--clients`` TLS handshakes at once,
+  and requests in its first ~0.5 s queue behind them: at a paced rate that alone can put
+  p99 at 60-90 ms in some runs). It does not verify the signer's certificate
   (loopback). On the 2-core VM (2026-11-26, load ~3) it cost 0.2-0.5 ms CPU per
   certificate against the Python client's 0.6-0.7, and the closed loop got 285-363 certs/s
   against 136-199. Caveat: while the signer is slow to finish its TLS handshakes (an
   overloaded machine, load 6+), wrk 4.1 spins on its connections (EPOLLOUT stays armed
   during the handshake) and costs more than the Python client.
-- ``python``: aiohttp in this process, one kept-alive session per client pod; it verifies
-  the signer's certificate. The run with a fresh token per request (``--token-miss``)
+- ``python``: aiohttp in this process, one kept-alive session per client pod, the same
+  connections for warm-up and measurement (steady state: no handshakes measured); it
+  verifies the signer's certificate. The run with a fresh token per request (``--token-miss``)
   always uses it (each token is used exactly once).
 
 The emulated API server runs with its growing heap kept out of CPython's full
@@ -181,6 +185,7 @@ class Cluster:
         self.operator_pid = op.pid
         self.signer = f"https://127.0.0.1:{ports['SIGNER_PORT']}"
         self.health = f"http://127.0.0.1:{ports['HEALTH_PORT']}/healthz"
+        self.metrics = f"http://127.0.0.1:{ports['METRICS_PORT']}/metrics"
 
     def _emulator_cmd(self) -> list[str]:
         if "BENCH_EMULATOR_CMD" in os.environ:
@@ -425,29 +430,33 @@ async def throughput(
     lat: list[float] = []
     errors: dict[int, int] = {}
 
+    # One kept-alive connection per client for warm-up and measurement alike (a sidecar
+    # keeps its session): the measured window holds no TLS handshakes.
+    sessions = [
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=1))
+        for _ in range(clients)
+    ]
+
     async def client(i: int, stop_at: float) -> None:
-        conn = aiohttp.TCPConnector(ssl=ctx, limit=1)
-        async with aiohttp.ClientSession(connector=conn) as cs:
-            headers = {"Authorization": f"Bearer {tokens[i]}", "Content-Type": "application/json"}
-            gap = clients / rate if rate > 0 else 0.0
-            next_at = time.perf_counter() + random.random() * gap
-            while time.perf_counter() < stop_at:
-                if measuring and fresh_tokens:
-                    if not pools[i]:
-                        return
-                    headers["Authorization"] = f"Bearer {pools[i].pop()}"
-                if gap:
-                    await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
-                    next_at += gap
-                t = time.perf_counter()
-                async with cs.post(
-                    cl.signer + "/v1/certificates", data=csrs[i], headers=headers
-                ) as r:
-                    await r.read()
-                    if r.status == 200:
-                        lat.append(time.perf_counter() - t)
-                    else:
-                        errors[r.status] = errors.get(r.status, 0) + 1
+        cs = sessions[i]
+        headers = {"Authorization": f"Bearer {tokens[i]}", "Content-Type": "application/json"}
+        gap = clients / rate if rate > 0 else 0.0
+        next_at = time.perf_counter() + random.random() * gap
+        while time.perf_counter() < stop_at:
+            if measuring and fresh_tokens:
+                if not pools[i]:
+                    return
+                headers["Authorization"] = f"Bearer {pools[i].pop()}"
+            if gap:
+                await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+                next_at += gap
+            t = time.perf_counter()
+            async with cs.post(cl.signer + "/v1/certificates", data=csrs[i], headers=headers) as r:
+                await r.read()
+                if r.status == 200:
+                    lat.append(time.perf_counter() - t)
+                else:
+                    errors[r.status] = errors.get(r.status, 0) + 1
 
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="signing-bench-"))
     # warm up (TLS handshakes, token reviews), then measure
@@ -460,6 +469,7 @@ async def throughput(
     spies = profilers(
         cl, profile, seconds, "miss" if fresh_tokens else "closed" if not rate else tag
     )
+    hist0 = await signing_histogram(s, cl.metrics)
     cpu0, emu0 = cpu_seconds(cl.operator_pid), cpu_seconds(cl.emulator_pid)
     loop0 = cpu_seconds(cl.operator_pid, cl.operator_pid)
     own0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -476,10 +486,14 @@ async def throughput(
         q = statistics.quantiles(lat, n=100) if len(lat) > 100 else [float("nan")] * 99
         issued, p50, p99 = len(lat), q[49], q[98]
     shutil.rmtree(workdir, ignore_errors=True)
+    for cs in sessions:
+        await cs.close()
     await asyncio.sleep(1.0)  # let the status writes of the last ones land (counted too)
     cpu = cpu_seconds(cl.operator_pid) - cpu0
     loop_cpu = cpu_seconds(cl.operator_pid, cl.operator_pid) - loop0
     emu = cpu_seconds(cl.emulator_pid) - emu0
+    hist1 = await signing_histogram(s, cl.metrics)
+    hist = [(le, c1 - c0) for (le, c0), (_, c1) in zip(hist0, hist1, strict=True)]
     for spy in spies:
         spy.wait()
     return {
@@ -493,6 +507,9 @@ async def throughput(
         "certs_per_s": round(issued / elapsed, 1),
         "p50_ms": round(p50 * 1000, 2),
         "p99_ms": round(p99 * 1000, 2),
+        # inside the operator, from its own histogram (handler start → answer; bucketed)
+        "operator_p50_ms": bucket_quantile(hist, 0.50),
+        "operator_p99_ms": bucket_quantile(hist, 0.99),
         "operator_cpu_ms_per_cert": round(cpu / max(issued, 1) * 1000, 2),
         # its event loop thread alone: the one that saturates (other threads: libuv, kopf)
         "operator_loop_cpu_ms_per_cert": round(loop_cpu / max(issued, 1) * 1000, 2),
@@ -501,6 +518,34 @@ async def throughput(
         "load_avg_1m": os.getloadavg()[0],
         "errors": errors,
     }
+
+
+async def signing_histogram(s: aiohttp.ClientSession, url: str) -> list[tuple[float, float]]:
+    """The operator's ``kubemtls_signing_duration_seconds`` buckets: (le, cumulative count)."""
+    async with s.get(url) as r:
+        text = await r.text()
+    prefix = 'kubemtls_signing_duration_seconds_bucket{le="'
+    return [
+        (float(line[len(prefix) :].split('"', 1)[0]), float(line.rsplit(" ", 1)[1]))
+        for line in text.splitlines()
+        if line.startswith(prefix)
+    ]
+
+
+def bucket_quantile(hist: list[tuple[float, float]], q: float) -> float | None:
+    """``histogram_quantile`` as Prometheus computes it (linear within the bucket), in ms."""
+    if not hist or hist[-1][1] <= 0:
+        return None
+    bounds, cumulative = [le for le, _ in hist], [c for _, c in hist]
+    rank = q * cumulative[-1]
+    for i, count in enumerate(cumulative):
+        if count >= rank:
+            if bounds[i] == float("inf"):
+                return round(bounds[i - 1] * 1000, 1)
+            lo, below = (bounds[i - 1], cumulative[i - 1]) if i else (0.0, 0.0)
+            frac = (rank - below) / (count - below) if count > below else 1.0
+            return round((lo + (bounds[i] - lo) * frac) * 1000, 1)
+    return None
 
 
 async def burst(cl: Cluster, s: aiohttp.ClientSession, pods: int) -> dict[str, Any]:
