@@ -5,10 +5,12 @@ No key is ever committed: every CA and leaf is generated at test time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import pathlib
 import socket
+import ssl
 from collections.abc import Callable
 
 from cryptography import x509
@@ -138,3 +140,38 @@ def free_port() -> int:
         if port not in _HANDED_OUT:
             _HANDED_OUT.add(port)
             return port
+
+
+@dataclasses.dataclass
+class MemoryTLS:
+    """A client and a server ``SSLObject`` joined by memory BIOs: a TLS exchange, no socket."""
+
+    client: ssl.SSLObject
+    server: ssl.SSLObject
+    c_in: ssl.MemoryBIO
+    c_out: ssl.MemoryBIO
+    s_in: ssl.MemoryBIO
+    s_out: ssl.MemoryBIO
+
+    def handshake(self, rounds: int = 4) -> None:
+        """Step both sides and carry their bytes across until the handshake is done."""
+        for _ in range(rounds):
+            for obj in (self.client, self.server):
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    obj.do_handshake()
+            self.s_in.write(self.c_out.read())
+            self.c_in.write(self.s_out.read())
+
+
+def memory_tls(
+    client: ssl.SSLContext, server: ssl.SSLContext, server_hostname: str | None = None
+) -> MemoryTLS:
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    return MemoryTLS(
+        client.wrap_bio(c_in, c_out, server_hostname=server_hostname),
+        server.wrap_bio(s_in, s_out, server_side=True),
+        c_in,
+        c_out,
+        s_in,
+        s_out,
+    )

@@ -9,7 +9,6 @@ but self-signed anchors; an intermediate in the bundle keeps OpenSSL's behaviour
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import pathlib
 import ssl
@@ -59,16 +58,10 @@ def _sent_chain_lengths(server: ssl.SSLContext, client: ssl.SSLContext) -> dict[
     base = ssl.SSLContext.__mro__[1]
     for ctx in (server, client):
         base._msg_callback.__set__(ctx, on_message)
-    ci, co, si, so = (ssl.MemoryBIO() for _ in range(4))
-    c = client.wrap_bio(ci, co, server_hostname="localhost")
-    s = server.wrap_bio(si, so, server_side=True)
-    for _ in range(4):
-        for obj in (c, s):
-            with contextlib.suppress(ssl.SSLWantReadError):
-                obj.do_handshake()
-        si.write(co.read())
-        ci.write(so.read())
-    assert c.version() == "TLSv1.3"
+    tls = testkit.memory_tls(client, server, server_hostname="localhost")
+    s = tls.server
+    tls.handshake()
+    assert tls.client.version() == "TLSv1.3"
     return seen
 
 

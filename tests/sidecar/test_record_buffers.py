@@ -12,7 +12,6 @@ alternative, is checked on its own: it must reach the connections of a context.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import gc
 import ssl
@@ -148,22 +147,16 @@ def test_keep_record_buffers_reaches_the_connections(test_pki):
     for ctx in (server, client):
         assert sslknobs.keep_record_buffers(ctx)
         assert not ctx_mode(ctx) & RELEASE_BUFFERS
-    ci, co, si, so = (ssl.MemoryBIO() for _ in range(4))
-    c = client.wrap_bio(ci, co)
-    s = server.wrap_bio(si, so, server_side=True)
-    for _ in range(4):
-        for obj in (c, s):
-            with contextlib.suppress(ssl.SSLWantReadError):
-                obj.do_handshake()
-        si.write(co.read())
-        ci.write(so.read())
+    tls = testkit.memory_tls(client, server)
+    c, s = tls.client, tls.server
+    tls.handshake()
     for obj, side in ((c, False), (s, True)):
         obj.context = tlsconn._quiet_context(side)  # as TlsEndpoint does after the handshake
         assert not conn_mode(obj) & RELEASE_BUFFERS, hex(conn_mode(obj))
     for n in (1024, 16384, 1024):
         payload = bytes(range(256)) * (n // 256)
         c.write(payload)
-        si.write(co.read())
+        tls.s_in.write(tls.c_out.read())
         got = b""
         while len(got) < n:
             got += s.read(16384)
