@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """What a socket-backed TLS side would save: instructions per request, memory BIOs vs socket.
 
-A prototype, not the sidecar: a minimal TLS-terminating proxy side on uvloop (mTLS server
+The measurement that led to ``sidecar/kubemtls_sidecar/sockio.py`` (the sidecar now moves
+each connection's data phase onto its socket; ``--tls-io memory`` is the BIO form). A
+prototype, not the sidecar: a minimal TLS-terminating proxy side on uvloop (mTLS server
 in front of a plaintext echo backend), in two forms, run under callgrind while 8 open
 connections exchange 1 KiB requests/responses (as ``sidecar_instructions.py`` rr):
 

@@ -228,6 +228,7 @@ async def run(cfg: config.Config) -> int:
     """The sidecar's main coroutine: signals in, exit code out."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    conns.raise_fd_limit(cfg.max_connections)
     s = Sidecar(cfg)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

@@ -77,6 +77,7 @@ class Config:
     inbound_capture_port: int = contract.INBOUND_CAPTURE_PORT
     outbound_capture_port: int = contract.OUTBOUND_CAPTURE_PORT
     app_probes: str | None = None  # JSON from the webhook (appprobes.parse validates it)
+    tls_io: str = "socket"  # tlsconn/sockio: the data phase on the socket, or memory BIOs
 
 
 def _port(flag: str, text: str) -> int:
@@ -232,6 +233,7 @@ def parse(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = Non
         inbound_capture_port=_port("--inbound-capture-port", s("inbound_capture_port")),
         outbound_capture_port=_port("--outbound-capture-port", s("outbound_capture_port")),
         app_probes=opt("app_probes"),
+        tls_io=s("tls_io"),
     )
     if not install:
         _check_files(cfg)

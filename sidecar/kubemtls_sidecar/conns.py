@@ -10,15 +10,50 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import weakref
 from collections.abc import Coroutine
 from typing import Any
 
 from kubemtls_sidecar import metrics, pipe, tlsconn
 
-__all__ = ["Tracker"]
+__all__ = ["Tracker", "raise_fd_limit"]
 
 logger = logging.getLogger(__name__)
+
+
+# Descriptors one proxied connection holds: the TLS socket, its duplicate (sockio: the data
+# phase on the socket) and the plaintext side's socket.
+_FDS_PER_CONNECTION = 3
+_FDS_SPARE = 64  # listeners, the admin server, the event loop, files being reloaded
+
+
+def raise_fd_limit(max_connections: int) -> int:
+    """Raise the soft descriptor limit to the hard one, as Go's runtime does (1.19+).
+
+    Container runtimes commonly give a soft limit of 1,024 under a much higher hard
+    one; ``--max-connections`` 4,096 needs ~12,300. Returns the soft limit now in force;
+    warns if even that cannot hold ``max_connections``.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as e:
+            logger.debug("could not raise RLIMIT_NOFILE: %r", e)
+    need = _FDS_PER_CONNECTION * max_connections + _FDS_SPARE
+    if soft != resource.RLIM_INFINITY and soft < need:
+        logger.warning(
+            "--max-connections %d needs about %d file descriptors; the limit is %d: "
+            "connections beyond it will fail to open (lower --max-connections or raise "
+            "the container's nofile limit)",
+            max_connections,
+            need,
+            soft,
+        )
+    return soft
 
 
 class Tracker:

@@ -173,6 +173,13 @@ FLAGS: tuple[Flag, ...] = (
         "20",
         metavar="SECONDS",
     ),
+    Flag(
+        "--tls-io",
+        "after the handshake: socket (OpenSSL reads and writes the socket) or memory "
+        "(through Python's memory BIOs; slower, the fallback)",
+        "socket",
+        choices=("socket", "memory"),
+    ),
     Flag("--max-connections", "refuse connections beyond this many open ones", "4096", metavar="N"),
     Flag(
         "--reload-interval",

@@ -143,6 +143,7 @@ class InboundListener:
         self.app_host, self.app_port = app_host, app_port
         self.forward = forwarder_for(cfg.protocol)
         self._handshake_seconds = m.handshake_seconds.labels("inbound")  # bound once
+        self._socket_io = cfg.tls_io == "socket"
 
     def protocol_factory(self) -> pipe.Endpoint:
         snap = self.store.current
@@ -150,7 +151,10 @@ class InboundListener:
             why = "no certificate yet" if snap is None else "over_limit"
             return Refuse(self.metrics, "inbound", why)
         ep = tlsconn.TlsEndpoint(
-            snap.server_ctx, server_side=True, on_connect=lambda e: self._start(e, snap)
+            snap.server_ctx,
+            server_side=True,
+            on_connect=lambda e: self._start(e, snap),
+            socket_io=self._socket_io,
         )
         return ep
 

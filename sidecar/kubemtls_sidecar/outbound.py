@@ -45,7 +45,12 @@ async def connect_upstream(
     address = dict(cfg.resolve).get(host, host)
     async with asyncio.timeout(cfg.handshake_timeout):
         _, ep = await loop.create_connection(
-            lambda: tlsconn.TlsEndpoint(ctx, server_side=False, server_hostname=_sni(host)),
+            lambda: tlsconn.TlsEndpoint(
+                ctx,
+                server_side=False,
+                server_hostname=_sni(host),
+                socket_io=cfg.tls_io == "socket",
+            ),
             address,
             port,
         )

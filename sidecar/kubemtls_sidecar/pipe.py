@@ -10,8 +10,10 @@ nothing moved for ``idle_timeout``.
 
 Per chunk, a fused side counts what it received (``bytes_in``) and calls its partner's
 ``_send``: for a plain side that *is* its transport's ``write`` (no Python frame), for a
-TLS side the encrypt-and-send. What a side sent while fused is its partner's ``bytes_in``
-over that time (``bytes_out`` adds it), so each chunk is counted once.
+TLS side the encrypt-and-send (on the socket: ``SSLObject.write`` itself, no Python frame
+either; the rare ``SSLWantWriteError`` goes to the partner's ``_send_failed``). What a side
+sent while fused is its partner's ``bytes_in`` over that time (``bytes_out`` adds it), so
+each chunk is counted once.
 
 An endpoint that is not fused works as a small stream (``read``/``write``/``drain``/
 ``write_eof``/``close``) for code that must look at the bytes (``httpmode``).
@@ -88,6 +90,10 @@ class Endpoint(asyncio.Protocol):
     #: ``write`` (set in ``connection_made``); TLS: a method.
     _send: Callable[[bytes], None]
     _send_many: Callable[[list[bytes]], None]  # the same for several chunks (vectored)
+
+    def _send_failed(self, data: bytes, exc: OSError) -> None:
+        """``_send(data)`` raised (only a TLS side on its socket does: ``tlsconn``)."""
+        raise exc
 
     @property
     def bytes_out(self) -> int:
@@ -237,7 +243,10 @@ class Endpoint(asyncio.Protocol):
         p = self.partner
         if p is not None:
             if not p.write_closed:
-                p._send(data)
+                try:
+                    p._send(data)
+                except OSError as e:  # a TLS partner on its socket (free when nothing raises)
+                    p._send_failed(data, e)
             return
         self._rbuf += data
         self._wake_reader()
@@ -286,7 +295,10 @@ class PlainEndpoint(Endpoint):
         if p is not None:  # the fused hot path of _deliver, inlined (once per chunk)
             self.bytes_in += len(data)
             if not p.write_closed:
-                p._send(data)
+                try:
+                    p._send(data)
+                except OSError as e:
+                    p._send_failed(data, e)
         else:
             self._deliver(data)
 

@@ -30,6 +30,8 @@ memory: +11 KiB after 1 KiB messages (50 KiB instead of 39), +32 KiB after 16 Ki
 (tests/sidecar/test_record_buffers.py); to measure it again, call ``keep_record_buffers``
 next to ``omit_trust_anchor`` in ``tlsstore.build_contexts``.
 
+``libssl`` and ``ssl_ctx_pointer`` are shared with ``sockio`` (the data phase on the socket).
+
 Python has no API for ``SSL_CTX_set_mode``; the ``SSL_CTX *`` is the first field of
 CPython's ``PySSLContext`` (unchanged from 3.7 to 3.13; sslkeylog reads it the same way),
 and the call goes through the very libssl ``_ssl`` is linked with. The pointer is checked
@@ -46,7 +48,7 @@ import logging
 import ssl
 import sys
 
-__all__ = ["keep_record_buffers", "omit_trust_anchor"]
+__all__ = ["keep_record_buffers", "libssl", "omit_trust_anchor", "ssl_ctx_pointer"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +59,8 @@ _SSL_MODE_RELEASE_BUFFERS = 0x10
 
 
 @functools.cache
-def _libssl() -> ctypes.CDLL | None:
+def libssl() -> ctypes.CDLL | None:
+    """``_ssl``'s own libssl through ctypes (None: not CPython 3.7-3.13, or unreachable)."""
     if sys.implementation.name != "cpython" or not (3, 7) <= sys.version_info[:2] <= (3, 13):
         return None
     try:
@@ -76,9 +79,9 @@ def _libssl() -> ctypes.CDLL | None:
     return lib
 
 
-def _ssl_ctx_pointer(ctx: ssl.SSLContext) -> int | None:
+def ssl_ctx_pointer(ctx: ssl.SSLContext) -> int | None:
     """The context's ``SSL_CTX *``, or None unless OpenSSL confirms it is this context."""
-    lib = _libssl()
+    lib = libssl()
     if lib is None:
         return None
     ptr = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
@@ -102,12 +105,12 @@ def _openssl_verify_mode(ctx: ssl.SSLContext) -> int:
 
 def _ctrl(ctx: ssl.SSLContext, cmd: int, larg: int, what: str) -> int | None:
     """``SSL_CTX_ctrl`` on the checked pointer: the mode after the call, or None."""
-    ptr = _ssl_ctx_pointer(ctx)
+    ptr = ssl_ctx_pointer(ctx)
     if ptr is None:
         logger.debug("SSL_CTX pointer check failed; %s", what)
         return None
-    lib = _libssl()
-    assert lib is not None  # _ssl_ctx_pointer had it
+    lib = libssl()
+    assert lib is not None  # ssl_ctx_pointer had it
     return int(lib.SSL_CTX_ctrl(ptr, cmd, larg, None))
 
 

@@ -7,7 +7,10 @@ Here every byte OpenSSL writes to the outgoing BIO is sent before we close, the 
 classified (``alerts.classify``), and the same ``SSLObject`` carries the data phase:
 socket bytes → incoming BIO → ``read()`` → partner; partner → ``write()`` → outgoing BIO →
 socket, one ``transport.write`` per received chunk (records are batched, no per-record
-syscalls, no task switch per chunk).
+syscalls, no task switch per chunk). Once the handshake is done, the data phase moves onto
+the socket itself where it can (``sockio``: OpenSSL reads and writes the descriptor, no
+ciphertext passes through Python); the BIO path stays for ``--tls-io memory`` and for a
+connection that cannot move.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import typing
 from collections.abc import Callable
 from typing import Any
 
-from kubemtls_sidecar import alerts, pipe
+from kubemtls_sidecar import alerts, pipe, sockio
 
 __all__ = ["HandshakeError", "TlsEndpoint", "enable_peer_capture"]
 
@@ -105,8 +109,15 @@ class TlsEndpoint(pipe.Endpoint):
         server_side: bool,
         server_hostname: str | bytes | None = None,
         on_connect: Callable[[pipe.Endpoint], None] | None = None,
+        socket_io: bool = True,
     ) -> None:
         super().__init__(on_connect)
+        self._socket_io = socket_io  # move the data phase onto the socket (sockio)
+        self.io: sockio.SocketIO | None = None  # set once it has moved
+        self._reset = False  # the socket failed (reset): the partner is aborted, not ended
+        # What a fused partner calls (pipe.Endpoint._send): through the BIOs until the data
+        # phase moves onto the socket, then SocketIO's.
+        self._send, self._send_many = self._bio_send, self._bio_send_many
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self.ssl = ctx.wrap_bio(
@@ -153,6 +164,24 @@ class TlsEndpoint(pipe.Endpoint):
             self.handshake.set_result(None)
         if self._incoming.pending:
             self._read_ssl()  # application data that came with the last flight
+        if self._socket_io:
+            self._attach_socket()
+
+    def _attach_socket(self) -> None:
+        """Run the data phase on the socket if nothing is in flight in the BIOs."""
+        t = self.transport
+        if t is None or self.closed.done() or self.read_closed or self.write_closed:
+            return
+        if self._incoming.pending or self._outgoing.pending:
+            return  # a partial record: it stays on the BIOs (rare; only slower)
+        io = sockio.attach(self, self.ssl, t, server_side=self.ssl.server_side)
+        if io is None:
+            return
+        self.io = io
+        self.transport = typing.cast(asyncio.Transport, io)
+        # A partner's chunks go straight to SSL_write (io.write_failed on a full socket
+        # switches _send to io.send, which queues, until the queue is out).
+        self._send, self._send_many = self._obj.write, io.send_many
 
     def timed_out(self) -> None:
         """The owner's handshake deadline passed: fail the wait with TimeoutError."""
@@ -211,6 +240,8 @@ class TlsEndpoint(pipe.Endpoint):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.io is not None:
+            self.io._teardown()
         if not self.handshake.done():
             self._fail(
                 alerts.Failure(
@@ -259,6 +290,81 @@ class TlsEndpoint(pipe.Endpoint):
         if eof:
             self._deliver_eof()
 
+    # --- data phase on the socket (sockio) ---------------------------------------------------
+    def socket_readable(self) -> None:
+        """The socket has bytes: decrypt a record (OpenSSL reads the socket itself)."""
+        try:
+            chunk = self._obj.read(_READ_SIZE)
+        except OSError as e:  # ssl.SSLError included
+            self.socket_failed(e)
+            return
+        # The common case, as in data_received: one whole record shorter than the maximum.
+        # A record still arriving raises SSLWantReadError above (the socket stays readable,
+        # level-triggered, until the rest comes).
+        if chunk and len(chunk) < _READ_SIZE:
+            p = self.partner
+            if p is not None:
+                self.bytes_in += len(chunk)
+                if not p.write_closed:
+                    send = p._send
+                    send(chunk)
+            else:
+                self._deliver(chunk)
+            return
+        self._socket_read_more(chunk)
+
+    def _socket_read_more(self, first: bytes) -> None:
+        """A full-size record (more likely follow: read on, up to 16) or close_notify."""
+        io, obj = self.io, self._obj
+        chunks: list[bytes] = []
+        error: OSError | None = None
+        chunk = first
+        while True:
+            if not chunk:  # close_notify (b"" while we have not sent ours)
+                error = ssl.SSLZeroReturnError()
+                break
+            chunks.append(chunk)
+            if len(chunk) < _READ_SIZE or len(chunks) >= 16 or io is None or not io.reading:
+                break
+            try:
+                chunk = obj.read(_READ_SIZE)
+            except OSError as e:
+                error = e
+                break
+        if chunks:
+            if len(chunks) > 1:
+                self._deliver_many(chunks)
+            else:
+                self._deliver(chunks[0])
+        if error is not None:
+            self.socket_failed(error)
+
+    def socket_failed(self, exc: Exception) -> None:
+        """A read or write on the socket raised: wait, end the direction, or fail."""
+        if isinstance(exc, ssl.SSLWantReadError | ssl.SSLWantWriteError):
+            return  # a record not complete yet (or OpenSSL must write first: it will)
+        io = self.io
+        if isinstance(exc, ssl.SSLZeroReturnError):
+            # close_notify, or a TCP FIN without it (SSL_OP_IGNORE_UNEXPECTED_EOF, sockio):
+            # end this direction
+            if io is not None:
+                io.pause_reading()  # an ended socket stays readable: stop watching it
+            self._deliver_eof()
+            return
+        # SSLEOFError here is the socket failing (sockio: FIN is a zero return)
+        if isinstance(exc, ssl.SSLError) and not isinstance(
+            exc, ssl.SSLSyscallError | ssl.SSLEOFError
+        ):
+            self.failure = alerts.classify(exc)  # e.g. the peer's alert, a bad record MAC
+            logger.debug("TLS error in the data phase: %s", exc)
+        else:
+            self._reset = True  # the socket itself failed (ECONNRESET, EPIPE)
+            logger.debug("socket error in the data phase: %r", exc)
+        self.abort()
+
+    def _clean(self) -> bool:
+        return not self._reset
+
     def _read_failed(self, e: ssl.SSLError) -> None:
         """A read raised: a partial record (wait for more), close_notify, or a TLS error."""
         if isinstance(e, ssl.SSLWantReadError):
@@ -274,12 +380,12 @@ class TlsEndpoint(pipe.Endpoint):
 
     # SSL_write without SSL_MODE_ENABLE_PARTIAL_WRITE (CPython never sets it) writes all
     # of ``data`` or raises, and a memory BIO always has room: no partial writes to resume.
-    def _send(self, data: bytes) -> None:
+    def _bio_send(self, data: bytes) -> None:
         """Encrypt and send (a fused partner's chunk; it checked ``write_closed``)."""
         self._obj.write(data)
         self.transport.write(self._outgoing.read())  # type: ignore[union-attr]
 
-    def _send_many(self, chunks: list[bytes]) -> None:
+    def _bio_send_many(self, chunks: list[bytes]) -> None:
         obj = self._obj
         for data in chunks:
             obj.write(data)
@@ -289,8 +395,16 @@ class TlsEndpoint(pipe.Endpoint):
         if self.write_closed or self.transport is None or not self.established:
             return
         self._bytes_out += len(data)
-        self._obj.write(data)
-        self.transport.write(self._outgoing.read())
+        try:
+            self._send(data)
+        except OSError as e:
+            self._send_failed(data, e)
+
+    def _send_failed(self, data: bytes, exc: OSError) -> None:
+        io = self.io
+        if io is None:
+            raise exc  # the BIO path never waits for the socket: a real error
+        io.write_failed(data, exc)
 
     def writelines(self, chunks: list[bytes]) -> None:
         if self.write_closed or self.transport is None or not self.established:
@@ -303,14 +417,14 @@ class TlsEndpoint(pipe.Endpoint):
         if self.write_closed or self.transport is None:
             return
         self.write_closed = True
-        if self.established:
+        if self.established and self.io is None:
             # unwrap() sends close_notify, then wants the peer's: SSLWantReadError. The
             # incoming BIO holds no complete record here (data_received drains it), so
             # OpenSSL's shutdown read discards nothing.
             with contextlib.suppress(ssl.SSLError):
                 self.ssl.unwrap()
             self._flush()
-        self._send_fin()
+        self._send_fin()  # on the socket: SocketIO.write_eof sends close_notify, then FIN
         self._maybe_close()
 
     def _flush(self) -> None:
