@@ -7,10 +7,10 @@ Here every byte OpenSSL writes to the outgoing BIO is sent before we close, the 
 classified (``alerts.classify``), and the same ``SSLObject`` carries the data phase:
 socket bytes → incoming BIO → ``read()`` → partner; partner → ``write()`` → outgoing BIO →
 socket, one ``transport.write`` per received chunk (records are batched, no per-record
-syscalls, no task switch per chunk). Once the handshake is done, the data phase moves onto
-the socket itself where it can (``sockio``: OpenSSL reads and writes the descriptor, no
-ciphertext passes through Python); the BIO path stays for ``--tls-io memory`` and for a
-connection that cannot move.
+syscalls, no task switch per chunk). Once a connection has carried a few chunks
+(``_ATTACH_AFTER``), its data phase moves onto the socket itself where it can (``sockio``:
+OpenSSL reads and writes the descriptor, no ciphertext passes through Python); the BIO
+path stays for ``--tls-io memory``, for short connections, and for one that cannot move.
 """
 
 from __future__ import annotations
@@ -33,6 +33,11 @@ logger = logging.getLogger(__name__)
 # for more only makes _ssl allocate a bigger bytes object and shrink it on every read.
 _READ_SIZE = 16 * 1024
 _PRESENTED = "kubemtls_presented"  # attribute set on the SSLObject by the message callback
+# Data-phase chunks (received or sent) a connection carries over the BIOs before it moves
+# onto its socket (sockio). Moving costs a few system calls (dup, epoll add/remove, close:
+# ~1-2 % of a new connection's CPU): a connection that only carries one exchange (a
+# request, its response) never pays it; one that goes on moves at its second exchange.
+_ATTACH_AFTER = 4
 
 
 def _first_certificate(msg: bytes) -> bytes | None:
@@ -112,12 +117,10 @@ class TlsEndpoint(pipe.Endpoint):
         socket_io: bool = True,
     ) -> None:
         super().__init__(on_connect)
-        self._socket_io = socket_io  # move the data phase onto the socket (sockio)
+        # Chunks to go before the data phase moves onto the socket (sockio); < 0: never.
+        self._attach_in = _ATTACH_AFTER if socket_io else -1
         self.io: sockio.SocketIO | None = None  # set once it has moved
         self._reset = False  # the socket failed (reset): the partner is aborted, not ended
-        # What a fused partner calls (pipe.Endpoint._send): through the BIOs until the data
-        # phase moves onto the socket, then SocketIO's.
-        self._send, self._send_many = self._bio_send, self._bio_send_many
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self.ssl = ctx.wrap_bio(
@@ -164,16 +167,22 @@ class TlsEndpoint(pipe.Endpoint):
             self.handshake.set_result(None)
         if self._incoming.pending:
             self._read_ssl()  # application data that came with the last flight
-        if self._socket_io:
-            self._attach_socket()
+            self._attach_in -= 1  # a chunk carried
+            if not self._attach_in:
+                self._attach_socket()
 
     def _attach_socket(self) -> None:
-        """Run the data phase on the socket if nothing is in flight in the BIOs."""
+        """Run the data phase on the socket if nothing is in flight in the BIOs.
+
+        Called when ``_attach_in`` reaches 0; sets it to 1 to try again at the next chunk
+        (bytes in flight), or leaves it to run negative (never: ended, or refused).
+        """
         t = self.transport
         if t is None or self.closed.done() or self.read_closed or self.write_closed:
             return
-        if self._incoming.pending or self._outgoing.pending:
-            return  # a partial record: it stays on the BIOs (rare; only slower)
+        if self._incoming.pending or self._outgoing.pending or t.get_write_buffer_size():
+            self._attach_in = 1  # a partial record, or ciphertext still queued: later
+            return
         io = sockio.attach(self, self.ssl, t, server_side=self.ssl.server_side)
         if io is None:
             return
@@ -181,7 +190,8 @@ class TlsEndpoint(pipe.Endpoint):
         self.transport = typing.cast(asyncio.Transport, io)
         # A partner's chunks go straight to SSL_write (io.write_failed on a full socket
         # switches _send to io.send, which queues, until the queue is out).
-        self._send, self._send_many = self._obj.write, io.send_many
+        self._send = self._obj.write  # type: ignore[method-assign]
+        self._send_many = io.send_many  # type: ignore[method-assign]
 
     def timed_out(self) -> None:
         """The owner's handshake deadline passed: fail the wait with TimeoutError."""
@@ -221,8 +231,14 @@ class TlsEndpoint(pipe.Endpoint):
                     send(chunk)
             else:
                 self._deliver(chunk)
+            self._attach_in -= 1
+            if not self._attach_in:
+                self._attach_socket()
             return
         self._read_ssl(chunk)
+        self._attach_in -= 1
+        if not self._attach_in:
+            self._attach_socket()
 
     def eof_received(self) -> bool:
         if not self.established:
@@ -380,16 +396,25 @@ class TlsEndpoint(pipe.Endpoint):
 
     # SSL_write without SSL_MODE_ENABLE_PARTIAL_WRITE (CPython never sets it) writes all
     # of ``data`` or raises, and a memory BIO always has room: no partial writes to resume.
-    def _bio_send(self, data: bytes) -> None:
+    # What a fused partner calls (pipe.Endpoint._send): the BIO path, as methods (an
+    # instance attribute holding a bound method of self would make every endpoint a
+    # reference cycle); once on the socket, instance attributes shadow them.
+    def _send(self, data: bytes) -> None:
         """Encrypt and send (a fused partner's chunk; it checked ``write_closed``)."""
         self._obj.write(data)
         self.transport.write(self._outgoing.read())  # type: ignore[union-attr]
+        self._attach_in -= 1
+        if not self._attach_in:
+            self._attach_socket()
 
-    def _bio_send_many(self, chunks: list[bytes]) -> None:
+    def _send_many(self, chunks: list[bytes]) -> None:
         obj = self._obj
         for data in chunks:
             obj.write(data)
         self.transport.write(self._outgoing.read())  # type: ignore[union-attr]
+        self._attach_in -= 1
+        if not self._attach_in:
+            self._attach_socket()
 
     def write(self, data: bytes) -> None:
         if self.write_closed or self.transport is None or not self.established:

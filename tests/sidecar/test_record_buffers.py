@@ -76,7 +76,12 @@ def test_cpython_default_releases_buffers():
 
 
 def live_endpoints() -> list[tlsconn.TlsEndpoint]:
-    return [o for o in gc.get_objects() if isinstance(o, tlsconn.TlsEndpoint) and o.established]
+    """Open endpoints (closed ones of earlier tests may linger until a collection)."""
+    return [
+        o
+        for o in gc.get_objects()
+        if isinstance(o, tlsconn.TlsEndpoint) and o.established and not o.closed.done()
+    ]
 
 
 async def exchange(port: int, payload: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

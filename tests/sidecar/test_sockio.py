@@ -84,6 +84,25 @@ async def test_data_phase_runs_where_tls_io_says(sidecar_args: Args, echo_port: 
         writer.close()
 
 
+async def test_one_exchange_keeps_the_bios_the_second_moves(sidecar_args: Args, echo_port: int):
+    """A connection that carries one request and its response never pays for the move
+    (tlsconn._ATTACH_AFTER chunks); the next exchange moves both ends."""
+    async with mesh(sidecar_args, echo_port, "socket") as m:
+        reader, writer = await asyncio.open_connection("127.0.0.1", m.outbound)
+        await roundtrip(reader, writer, b"GET / HTTP/1.1\r\n\r\n")
+        eps = open_endpoints()
+        assert sorted(e.ssl.server_side for e in eps) == [False, True]
+        for e in eps:
+            assert e.io is None
+            assert bios(e.ssl)[:2] == (BIO_TYPE_MEM, BIO_TYPE_MEM)
+        await roundtrip(reader, writer, b"GET /again HTTP/1.1\r\n\r\n")
+        for e in eps:
+            assert e.io is not None
+            assert bios(e.ssl)[:2] == (BIO_TYPE_SOCKET, BIO_TYPE_SOCKET)
+        await roundtrip(reader, writer, os.urandom(64 * 1024))  # and carries on, intact
+        writer.close()
+
+
 # --- behaviours both modes share ----------------------------------------------------------
 
 
@@ -252,7 +271,8 @@ async def test_no_descriptor_leak_over_fifty_connections(sidecar_args: Args, ech
 
         async def connect() -> asyncio.StreamWriter:
             reader, writer = await asyncio.open_connection("127.0.0.1", m.outbound)
-            await roundtrip(reader, writer, os.urandom(4096))
+            for _ in range(2):  # the second exchange moves both TLS ends onto the socket
+                await roundtrip(reader, writer, os.urandom(4096))
             return writer
 
         def idle() -> bool:
@@ -401,6 +421,14 @@ async def test_refusal_after_our_tls13_handshake_is_logged_and_counted(
                 ep = await eventually(lambda: one_endpoint(server_side=False), 10)
                 assert isinstance(ep, tlsconn.TlsEndpoint)
                 assert ep.ssl.version() == "TLSv1.3"
+                # The app sends a few chunks (the upstream holds them unread) until our TLS
+                # side has carried enough to move onto its socket (tlsconn._ATTACH_AFTER).
+                for _ in range(100 if mode == "socket" else 0):
+                    if ep.io is not None:
+                        break
+                    writer.write(b"x" * 100)
+                    await writer.drain()
+                    await asyncio.sleep(0.01)  # one chunk per read on the sidecar's side
                 kind = BIO_TYPE_SOCKET if mode == "socket" else BIO_TYPE_MEM
                 assert (ep.io is not None) == (mode == "socket")
                 assert bios(ep.ssl)[0] == kind  # where the alert will be read
