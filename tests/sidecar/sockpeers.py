@@ -16,14 +16,20 @@ import gc
 import os
 import re
 import ssl
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import pytest
 import testkit
 from dataplane import Files, Running, free_port, running_sidecar
 from kubemtls_sidecar import tlsconn
 
 MODES = ["socket", "memory"]
+#: The modules' pytestmark: they read CPython's ``_ssl`` objects (never skips in CI).
+CPYTHON_ONLY = pytest.mark.skipif(
+    sys.implementation.name != "cpython", reason="reads CPython's _ssl objects"
+)
 BIO_TYPE_SOCKET = 5 | 0x0400 | 0x0100  # BIO_TYPE_SOURCE_SINK | BIO_TYPE_DESCRIPTOR
 BIO_TYPE_MEM = 1 | 0x0400
 Args = Callable[..., list[str]]  # the sidecar_args fixture

@@ -17,7 +17,6 @@ import gc
 import os
 import socket
 import ssl
-import sys
 import threading
 
 import pytest
@@ -27,6 +26,7 @@ from kubemtls_sidecar import sockio, tlsconn
 from sockpeers import (
     BIO_TYPE_MEM,
     BIO_TYPE_SOCKET,
+    CPYTHON_ONLY,
     KEEP,
     MODES,
     Args,
@@ -45,9 +45,7 @@ from sockpeers import (
 )
 from testkit import eventually
 
-pytestmark = pytest.mark.skipif(
-    sys.implementation.name != "cpython", reason="reads CPython's _ssl objects"
-)
+pytestmark = CPYTHON_ONLY
 
 REFUSED = "upstream TLS handshake failed; closing the app's connection"
 

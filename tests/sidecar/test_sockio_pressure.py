@@ -13,13 +13,13 @@ import contextlib
 import os
 import socket
 import ssl
-import sys
 import threading
 
 import pytest
 from dataplane import Files, client_context
 from kubemtls_sidecar import tlsconn
 from sockpeers import (
+    CPYTHON_ONLY,
     MODES,
     Args,
     app_server,
@@ -31,9 +31,7 @@ from sockpeers import (
 )
 from testkit import eventually
 
-pytestmark = pytest.mark.skipif(
-    sys.implementation.name != "cpython", reason="reads CPython's _ssl objects"
-)
+pytestmark = CPYTHON_ONLY
 
 BULK = 16 << 20
 
