@@ -157,7 +157,8 @@ class SocketIO:
 
     # --- writing ----------------------------------------------------------------------------
     def send(self, data: bytes) -> None:
-        """Encrypt and send plaintext (a fused partner's ``_send``)."""
+        """Encrypt and send plaintext behind any queued data (the owner's ``_send`` while a
+        queue is out; otherwise that is ``SSLObject.write`` itself)."""
         if self._pending:
             self._pending.append(data)
             self._pending_size += len(data)
