@@ -135,7 +135,6 @@ class TlsEndpoint(pipe.Endpoint):
         self._obj: Any = getattr(self.ssl, "_sslobj", self.ssl)
         self.established = False
         self.handshake: asyncio.Future[None] = self._loop.create_future()
-        self._truncated = False
         #: A TLS error after the handshake (TLS 1.3: a server refusing our client
         #: certificate answers after our handshake has completed).
         self.failure: alerts.Failure | None = None
@@ -231,11 +230,8 @@ class TlsEndpoint(pipe.Endpoint):
                     send(chunk)
             else:
                 self._deliver(chunk)
-            self._attach_in -= 1
-            if not self._attach_in:
-                self._attach_socket()
-            return
-        self._read_ssl(chunk)
+        else:
+            self._read_ssl(chunk)
         self._attach_in -= 1
         if not self._attach_in:
             self._attach_socket()
@@ -251,7 +247,7 @@ class TlsEndpoint(pipe.Endpoint):
                 )
             )
             return False
-        self._truncated = True  # TCP FIN without close_notify: end the direction anyway
+        # TCP FIN without close_notify: end the direction anyway
         self._deliver_eof()
         return True
 
