@@ -84,6 +84,8 @@ class Config:
     token_expiration: int = 3600
     log_format: str = "text"
     peering: str = ""
+    #: Worker processes serving the signing API (0: in the operator's process). See signworkers.
+    signing_workers: int = 0
     # Not in the chart's table: how often certificates, CRLs and the CA are re-checked.
     check_interval: datetime.timedelta = datetime.timedelta(seconds=60)
 
@@ -155,6 +157,13 @@ def _fraction(v: str) -> float:
     return f
 
 
+def _workers(v: str) -> int:
+    n = int(v)
+    if not 0 <= n <= 64:
+        raise ValueError(f"{v} is not between 0 (sign in the operator's process) and 64")
+    return n
+
+
 def _token_expiration(v: str) -> int:
     n = int(v)
     if n < 600:
@@ -196,6 +205,7 @@ SETTINGS: dict[str, tuple[str, Any]] = {
     "TOKEN_EXPIRATION": ("token_expiration", _token_expiration),
     "LOG_FORMAT": ("log_format", _one_of("json", "text")),
     "PEERING": ("peering", str),
+    "SIGNING_WORKERS": ("signing_workers", _workers),
     "CHECK_INTERVAL": ("check_interval", parse_duration),
 }
 

@@ -12,6 +12,9 @@ from __future__ import annotations
 import kopf
 from kubemtls_sidecar import errors
 
+# Defined beside the signing front, whose worker processes do not import kopf (this module).
+from kubemtls_operator.signfront import Refused as SigningRefused
+
 __all__ = [
     "APIError",
     "CAUnavailable",
@@ -48,13 +51,3 @@ class CAUnavailable(errors.KubemtlsError, kopf.TemporaryError):
     def __init__(self, message: str, *, reason: str = "CAUnavailable", delay: float = 10.0):
         super().__init__(message, delay=delay)
         self.reason = reason
-
-
-class SigningRefused(errors.KubemtlsError):
-    """A signing API request that is refused: an HTTP status, a CamelCase reason, a sentence."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-        self.message = message

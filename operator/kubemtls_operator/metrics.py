@@ -23,6 +23,7 @@ __all__ = [
     "REFUSED",
     "REVOKED",
     "SIGNING_LATENCY",
+    "SIGNING_WORKERS",
     "forget_cert",
     "observe_authority",
     "render",
@@ -37,6 +38,10 @@ SIGNING_LATENCY = prom.Histogram(
     "kubemtls_signing_duration_seconds",
     "Time to answer POST /v1/certificates",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+SIGNING_WORKERS = prom.Gauge(
+    "kubemtls_signing_workers",
+    "Signing worker processes running (SIGNING_WORKERS; 0 when signing in process)",
 )
 CERT_EXPIRY = prom.Gauge(
     "kubemtls_certificate_expiry_timestamp_seconds",

@@ -33,6 +33,7 @@ from kubemtls_operator import (
     rollover,
     serving,
     signing,
+    signworkers,
     status,
     sweeper,
     tokens,
@@ -60,6 +61,8 @@ class Runtime:
     #: This replica's kopf peering priority (None: standalone); revocation runs on the top one.
     peering_priority: int | None = None
     runners: list[web.AppRunner] = dataclasses.field(default_factory=list)
+    #: The signing worker processes (SIGNING_WORKERS > 0), else None: signing in process.
+    pool: signworkers.Pool | None = None
     tasks: list[asyncio.Task[None]] = dataclasses.field(default_factory=list)
     #: pod UIDs whose MTLSCert is known to exist and be current (saves API calls).
     seen: set[str] = dataclasses.field(default_factory=set)
@@ -109,15 +112,21 @@ class Runtime:
         now = datetime.datetime.now(datetime.UTC)
         if self.serving.needs_renewal(auth.signing, now):
             self.serving.issue(auth.signing, auth.bundle_pem, now)
+            if self.pool is not None:
+                self.pool.reload_serving()
             logger.info(
                 "serving certificate issued by %s", auth.signing.cert.subject.rfc4514_string()
             )
         await self.publisher.publish(auth)
+        if self.pool is not None:
+            self.pool.publish()
 
     async def stop(self) -> None:
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.pool is not None:
+            await self.pool.stop()
         await self.recorder.stop()
         for r in self.runners:
             await r.cleanup()
@@ -141,7 +150,10 @@ def _ops_app(rt: Runtime) -> web.Application:
 
     async def healthz(_: web.Request) -> web.Response:
         ok = rt.cas.authority is not None
-        return web.json_response({"ca": "ok" if ok else str(rt.cas.error or "loading")})
+        body: dict[str, Any] = {"ca": "ok" if ok else str(rt.cas.error or "loading")}
+        if rt.pool is not None:
+            body["signingWorkers"] = f"{rt.pool.listening}/{rt.pool.size}"
+        return web.json_response(body)
 
     app = web.Application()
     app.router.add_get("/metrics", metrics_view)
@@ -208,7 +220,11 @@ async def start(
     signer = signing.Signer(cfg, manager, rt.reviewer, rec, rt.lookup_pod, rt.cert_status)
     rec.start()
     host = cfg.bind_address
-    rt.runners.append(await _site(signer.app(), host, cfg.signer_port, rt.serving.context))
+    if cfg.signing_workers:
+        rt.pool = signworkers.Pool(signer, rt.serving, cfg, log_level=logging.root.level)
+        await rt.pool.start()
+    else:
+        rt.runners.append(await _site(signer.app(), host, cfg.signer_port, rt.serving.context))
     ops = _ops_app(rt)
     rt.runners.append(await _site(ops, host, cfg.metrics_port))
     if cfg.health_port != cfg.metrics_port:

@@ -89,6 +89,9 @@ def test_every_setting_is_read_from_its_variable() -> None:
         ("RENEW_FRACTION", "1.5", "between 0 and 1"),
         ("CERT_DURATION", "2000h", "CERT_DURATION_MAX"),
         ("SIGNER_URL", "http://x:9444", "https"),
+        ("SIGNING_WORKERS", "-1", "SIGNING_WORKERS='-1': -1 is not between 0"),
+        ("SIGNING_WORKERS", "65", "SIGNING_WORKERS='65': 65 is not between 0"),
+        ("SIGNING_WORKERS", "x", "SIGNING_WORKERS='x'"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_variable(name: str, value: str, needle: str) -> None:

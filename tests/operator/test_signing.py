@@ -156,6 +156,12 @@ async def test_bad_requests_get_the_documented_answer(
     elif case == "deleted-pod":  # the review is cached from an earlier request: the index says
         assert (await sign(operator, ca_pem, token, body))[0] == 200
         await api.delete("/api/v1/namespaces/default/pods/p")
+
+        async def forgotten() -> bool:  # once the watch delivered the deletion (not before)
+            gauge = 'kubemtls_certificate_expiry_timestamp_seconds{name="p",namespace="default"}'
+            return gauge not in await _metrics(operator)
+
+        await _until(forgotten)
     elif case == "deleted-pod-uncached":  # the API server itself invalidates the bound token
         await api.delete("/api/v1/namespaces/default/pods/p")
     elif case == "recreated-pod":  # the review is cached; the index has a new pod of that name
