@@ -122,9 +122,6 @@ class Backend(Protocol):
     async def record(self, grant: Grant, issued: Issued) -> None:
         """Return once ``issued`` is in the pod's MTLSCert. Raises :data:`Refused`."""
 
-    def release(self, grant: Grant) -> None:
-        """``grant`` will not be recorded (the request was refused after it)."""
-
     async def trust(self, token: str) -> tuple[str, bytes]:
         """(namespace/name, the JSON body of ``GET /v1/trust``). Raises :data:`Refused`."""
 
@@ -188,24 +185,18 @@ class Front:
             raise Refused(413, "BodyTooLarge", f"the request body is larger than {MAX_BODY} bytes")
         grant = await self.backend.authorize(_bearer(request))
         request[POD_KEY] = grant.pod
-        recording = False
+        public_key = _csr_key(await _csr(request))
+        body, issued = self._sign(grant, public_key)
         try:
-            public_key = _csr_key(await _csr(request))
-            body, issued = self._sign(grant, public_key)
-            recording = True
-            try:
-                # asyncio.timeout costs less than wait_for; a timeout cancels only this wait.
-                async with asyncio.timeout(RECORD_TIMEOUT):
-                    await self.backend.record(grant, issued)
-            except TimeoutError as e:
-                raise Refused(
-                    503,
-                    "StatusNotRecorded",
-                    "the certificate could not be recorded in its MTLSCert in time; retry",
-                ) from e
-        finally:
-            if not recording:
-                self.backend.release(grant)
+            # asyncio.timeout costs less than wait_for; a timeout cancels only this wait.
+            async with asyncio.timeout(RECORD_TIMEOUT):
+                await self.backend.record(grant, issued)
+        except TimeoutError as e:
+            raise Refused(
+                503,
+                "StatusNotRecorded",
+                "the certificate could not be recorded in its MTLSCert in time; retry",
+            ) from e
         self.backend.observe(time.perf_counter() - started)
         logger.info(
             "issued serial %s to %s (%s), notAfter %s",

@@ -135,9 +135,6 @@ class Signer:
         )
         metrics.ISSUED.labels(pod.namespace).inc()
 
-    def release(self, grant: Grant) -> None:
-        pass  # nothing is held for a grant in this process
-
     def refused(self, reason: str) -> None:
         metrics.REFUSED.labels(reason).inc()
 

@@ -89,9 +89,6 @@ class Link:
             self._grants.pop(token, None)  # ask again next time
             raise
 
-    def release(self, grant: signfront.Grant) -> None:
-        pass  # the operator holds nothing for a grant
-
     async def trust(self, token: str) -> tuple[str, bytes]:
         reply = await self._call({"t": "trust", "token": token})
         return str(reply["pod"]), str(reply["body"]).encode()
