@@ -667,9 +667,7 @@ async def rss(cl: Cluster, s: aiohttp.ClientSession, n: int) -> dict[str, Any]:
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        cl = Cluster(
-            pathlib.Path(tmp), args.check_interval, args.emulator_gc, args.signing_workers
-        )
+        cl = Cluster(pathlib.Path(tmp), args.check_interval, args.emulator_gc, args.signing_workers)
         cl.start()
         try:
             conn = aiohttp.TCPConnector(limit=128)

@@ -9,19 +9,23 @@ from typing import Any
 import kmock
 from kmock import KubernetesError
 
-from kubemtls_operator.emu import kmockfix  # noqa: F401  (patches kmock first)
+from kubemtls_operator.emu import kmockfix  # (patches kmock first)
 
 ALL_VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
 DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 EVENT_LOG_SIZE = 2000
-R_CRD = kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")
-R_NS = kmock.resource("", "v1", "namespaces")
-R_PODS = kmock.resource("", "v1", "pods")
-R_SA = kmock.resource("", "v1", "serviceaccounts")
-R_NODES = kmock.resource("", "v1", "nodes")
-R_SECRETS = kmock.resource("", "v1", "secrets")
-R_MWC = kmock.resource("admissionregistration.k8s.io", "v1", "mutatingwebhookconfigurations")
-R_VWC = kmock.resource("admissionregistration.k8s.io", "v1", "validatingwebhookconfigurations")
+R_CRD = kmockfix.intern(kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions"))
+R_NS = kmockfix.intern(kmock.resource("", "v1", "namespaces"))
+R_PODS = kmockfix.intern(kmock.resource("", "v1", "pods"))
+R_SA = kmockfix.intern(kmock.resource("", "v1", "serviceaccounts"))
+R_NODES = kmockfix.intern(kmock.resource("", "v1", "nodes"))
+R_SECRETS = kmockfix.intern(kmock.resource("", "v1", "secrets"))
+R_MWC = kmockfix.intern(
+    kmock.resource("admissionregistration.k8s.io", "v1", "mutatingwebhookconfigurations")
+)
+R_VWC = kmockfix.intern(
+    kmock.resource("admissionregistration.k8s.io", "v1", "validatingwebhookconfigurations")
+)
 
 
 # ---------------------------------------------------------------------------------------------

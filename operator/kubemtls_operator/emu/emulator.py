@@ -24,7 +24,7 @@ import yaml
 from kmock import KubernetesError
 from kmock._internal import k8s_dicts
 
-from kubemtls_operator.emu import kmockfix  # noqa: F401  (patches kmock first)
+from kubemtls_operator.emu import kmockfix  # (patches kmock first)
 from kubemtls_operator.emu.base import (
     ALL_VERBS,
     DEFAULT_NAMESPACES,
@@ -122,7 +122,16 @@ class Emulator(
 
     def live(self, res: kmock.resource, ns: str | None, name: str) -> dict | None:
         obj = self.store.get((res, ns, name))
-        return None if obj is None or obj.deleted else obj.raw
+        if obj is None:
+            return None
+        # What ``None if obj.deleted else obj.raw`` gives, in 3 of kmock's Python calls, not ~12:
+        # deleted means an empty history or a soft-deletion marker (None) last; else the last
+        # version is the latest state.
+        try:
+            last = obj.history[-1]
+        except IndexError:
+            return None
+        return None if last is None else last.raw
 
     def emit(self, res: kmock.resource, etype: str, obj: dict) -> None:
         rv = int(obj.get("metadata", {}).get("resourceVersion") or self.rv)
@@ -135,7 +144,14 @@ class Emulator(
             q.put_nowait(event)
 
     def put(self, res: kmock.resource, ns: str | None, name: str, obj: dict) -> None:
-        """Store a new version (ADDED or MODIFIED follows from the previous state) and notify watchers."""
+        """Store a new version (ADDED or MODIFIED follows from the previous state) and notify watchers.
+
+        The event carries ``obj`` itself, not a copy: a stored version is never changed in place
+        (every write builds a new object: ``merge_patch``, ``jcopy``, ``copy.deepcopy``, or, for
+        a status write, old's unchanged parts with a new metadata dict and status), and nothing
+        changes ``obj`` after it is stored, so the event, the store and older versions may share
+        parts of it.
+        """
         key = (res, ns, name)
         cur = self.store.get(key)
         etype = "ADDED" if cur is None or cur.deleted else "MODIFIED"
@@ -145,7 +161,7 @@ class Emulator(
             cur.create(obj)
             if len(cur.history) > 20:
                 del cur.history[:-10]
-        self.emit(res, etype, patching.jcopy(obj))
+        self.emit(res, etype, obj)
 
     def remove(self, res: kmock.resource, ns: str | None, name: str) -> dict:
         """Final deletion: a DELETED event, then GC of dependents and of a CRD's resources."""
@@ -231,7 +247,7 @@ class Emulator(
         for v in spec.get("versions") or []:
             if not v.get("served", True):
                 continue
-            res = kmock.resource(group, v["name"], plural)
+            res = kmockfix.intern(kmock.resource(group, v["name"], plural))
             result.append(res)
             if dry_run:
                 continue
@@ -420,8 +436,13 @@ class Emulator(
         has_status = info is not None and "status" in info.subresources
         if subresource == "status" and not has_status:
             raise _err(404, "NotFound", "the server could not find the requested resource")
-        if subresource == "status":
-            new = {**patching.jcopy(old), "status": new.get("status")}
+        if subresource == "status":  # old's everything but .status from new
+            # Shared with old, not copied (see put()); metadata is changed below: a shallow copy.
+            status = new.get("status")
+            new = {k: status if k == "status" else v for k, v in old.items()}
+            new.setdefault("status", status)
+            if isinstance(new.get("metadata"), dict):
+                new["metadata"] = dict(new["metadata"])
             if new["status"] is None:
                 del new["status"]
         elif subresource not in (None, ""):
@@ -667,11 +688,18 @@ class Emulator(
                     if not isinstance(body, dict):
                         raise bad_request("the patch body must be a JSON object")
                     self.check_rv(res, name, body, old)
-                    new = (
-                        strategic_merge_patch(old, body)
-                        if ctype == "application/strategic-merge-patch+json"
-                        else merge_patch(old, body)
-                    )
+                    if ctype == "application/strategic-merge-patch+json":
+                        new = strategic_merge_patch(old, body)
+                    elif sub == "status":
+                        # update_obj keeps only .status of a status write: merge just that
+                        # (what merge_patch(old, body)["status"] is, without copying the rest).
+                        new = {
+                            "status": merge_patch(old.get("status"), body["status"])
+                            if "status" in body
+                            else patching.jcopy(old.get("status"))
+                        }
+                    else:
+                        new = merge_patch(old, body)
                 else:
                     raise _err(
                         415,
@@ -785,13 +813,16 @@ class Emulator(
             status=200, headers={"Content-Type": "application/json"}
         )
 
-        async def send(event: dict) -> None:
+        def line(event: dict) -> bytes:
             if as_table and event.get("type") in ("ADDED", "MODIFIED", "DELETED"):
                 event = {
                     "type": event["type"],
                     "object": self.table(request, res, [event["object"]]),
                 }
-            await response.write(_dumps(event) + b"\n")
+            return _dumps(event) + b"\n"
+
+        async def send(event: dict) -> None:
+            await response.write(line(event))
 
         try:
             await response.prepare(request._raw_request)
@@ -813,9 +844,15 @@ class Emulator(
                     }
                 )
             else:
-                for event in initial:
+                lines: list[bytes] = []
+                for event in initial:  # in writes of up to 100 events
                     if wanted(event):
-                        await send(event)
+                        lines.append(line(event))
+                        if len(lines) >= 100:
+                            await response.write(b"".join(lines))
+                            lines = []
+                if lines:
+                    await response.write(b"".join(lines))
                 if params.get("sendInitialEvents") == "true":
                     info = self.info(res)
                     await send(
@@ -838,8 +875,16 @@ class Emulator(
                         while (
                             event := await queue.get()
                         ) is not None:  # None: the server is stopping
-                            if wanted(event):
-                                await send(event)
+                            # What is queued already goes out in one write (one send(), not
+                            # one per event: under load, several writes land per loop turn).
+                            batch = [event]
+                            while batch[-1] is not None and not queue.empty():
+                                batch.append(queue.get_nowait())
+                            lines = [line(e) for e in batch if e is not None and wanted(e)]
+                            if lines:
+                                await response.write(b"".join(lines))
+                            if batch[-1] is None:
+                                break
                 except TimeoutError:
                     pass
             await response.write_eof()
