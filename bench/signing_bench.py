@@ -17,10 +17,11 @@ Load generators for 1. (``--generator``; the output says which one ran and what 
   thread, ``--clients`` kept-alive TLS connections, a Lua script cycling through one
   pre-generated (token, CSR) pair per client pod; pacing (``--rate``) by one shared
   schedule in ``delay()``; percentiles from wrk's histogram (latency from each request's
-  write, so TLS handshakes are not in it; but warm-up and measurement are two wrk
-  processes, so the measured window opens with all ``--clients`` TLS handshakes at once,
-  and requests in its first ~0.5 s queue behind them: at a paced rate that alone can put
-  p99 at 60-90 ms in some runs). It does not verify the signer's certificate
+  write, so TLS handshakes are not in it). Warm-up and measurement are two wrk processes, so
+  the measured one opens all ``--clients`` TLS connections at once: its first request waits
+  ``WRK_HOLD`` (1 s) for those handshakes, and the hold is not counted in the rate (before
+  2026-11-26 08:30 it was: requests queued behind 64 handshakes, which alone put a paced
+  p99 at 60-180 ms in some runs). It does not verify the signer's certificate
   (loopback). On the 2-core VM (2026-11-26, load ~3) it cost 0.2-0.5 ms CPU per
   certificate against the Python client's 0.6-0.7, and the closed loop got 285-363 certs/s
   against 136-199. Caveat: while the signer is slow to finish its TLS handshakes (an
@@ -350,6 +351,7 @@ end
 
 local reqs, n, i = {}, 0, 0
 local gap = %(gap_ms)s
+local hold = %(hold_ms)s
 local next_at = nil
 
 function init(args)
@@ -372,10 +374,12 @@ end
 
 -- Paced: one shared schedule, a slot every ``gap`` ms, taken by the next free connection;
 -- slots missed while all connections were busy are sent at once (as the Python client).
-if gap > 0 then
+-- The first slot comes ``hold`` ms after the start: every connection's TLS handshake is
+-- done by then, so no measured request waits behind them (wrk times from the write).
+if gap > 0 or hold > 0 then
   function delay()
     local now = now_ms()
-    if next_at == nil then next_at = now end
+    if next_at == nil then next_at = now + hold end
     local d = next_at - now
     next_at = next_at + gap
     if d < 0 then return 0 end
@@ -391,6 +395,10 @@ def _rusage_children() -> float:
     return r.ru_utime + r.ru_stime
 
 
+#: The measured wrk run's first request comes this long after its connections open.
+WRK_HOLD = 1.0
+
+
 def run_wrk(
     cl: Cluster,
     tokens: list[str],
@@ -398,25 +406,36 @@ def run_wrk(
     seconds: float,
     rate: float,
     workdir: pathlib.Path,
+    hold: float = 0.0,
 ) -> tuple[int, float, dict[Any, int], float, float, float]:
-    """One wrk run: (certs issued, seconds, errors, p50 s, p99 s, wrk CPU seconds)."""
+    """One wrk run: (certs issued, seconds, errors, p50 s, p99 s, wrk CPU seconds).
+
+    ``hold``: seconds from the start (the connections' TLS handshakes) to the first request;
+    not counted in the seconds returned.
+    """
     pairs = workdir / "pairs.tsv"
     pairs.write_text("".join(f"{t}\t{c.decode()}\n" for t, c in zip(tokens, csrs, strict=True)))
     script = workdir / "signing.lua"
     gap = 1000.0 / rate if rate > 0 else 0.0
-    script.write_text(_WRK_SCRIPT % {"gap_ms": repr(gap), "pairs": json.dumps(str(pairs))})
+    script.write_text(
+        _WRK_SCRIPT
+        % {"gap_ms": repr(gap), "hold_ms": repr(hold * 1000), "pairs": json.dumps(str(pairs))}
+    )
     url = cl.signer + "/v1/certificates"
     cmd = ["wrk", "-t1", f"-c{len(tokens)}", "--timeout", "10s", "-s", str(script)]
     gen0 = _rusage_children()
     out = subprocess.run(
-        [*cmd, f"-d{max(1, round(seconds))}s", url], check=True, capture_output=True, text=True
+        [*cmd, f"-d{max(1, round(seconds + hold))}s", url],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     gen = _rusage_children() - gen0
     r = wrkkit.result(out)
     errors: dict[Any, int] = {
         k: v for k, v in (("socket", r.socket_errors), ("non-2xx", r.non_2xx)) if v
     }
-    return r.requests - r.non_2xx, r.seconds, errors, r.p50, r.p99, gen
+    return r.requests - r.non_2xx, r.seconds - hold, errors, r.p50, r.p99, gen
 
 
 async def throughput(
@@ -504,7 +523,7 @@ async def throughput(
     t0 = time.perf_counter()
     if generator == "wrk":
         issued, elapsed, errors, p50, p99, gen_cpu = run_wrk(
-            cl, tokens, csrs, seconds, rate, workdir
+            cl, tokens, csrs, seconds, rate, workdir, hold=WRK_HOLD
         )
     else:
         await asyncio.gather(*(client(i, t0 + seconds) for i in range(clients)))
