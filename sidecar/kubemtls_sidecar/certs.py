@@ -112,8 +112,7 @@ def _der(cert: x509.Certificate | bytes) -> bytes:
 
 def fingerprint_sha256(cert: x509.Certificate | bytes) -> str:
     """Hex SHA-256 of the DER, upper case with colons (as ``openssl x509 -fingerprint``)."""
-    digest = hashlib.sha256(_der(cert)).hexdigest().upper()
-    return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
+    return hashlib.sha256(_der(cert)).digest().hex(":").upper()
 
 
 def x5t_s256(cert: x509.Certificate | bytes) -> str:
