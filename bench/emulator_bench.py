@@ -46,6 +46,7 @@ import time
 from typing import Any
 
 import aiohttp
+import signing_bench  # the same settled emulator (bench/ is this script's sys.path[0])
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CRD = REPO / "charts" / "kubemtls" / "crds" / "mtlscerts.yaml"
@@ -55,23 +56,11 @@ TICK = os.sysconf("SC_CLK_TCK")
 TOKEN = "bench-token"  # noqa: S105 - a fake token the emulator is given
 
 _MAIN = "import sys; from kubemtls_operator.emu import server; sys.exit(server.main())"
-#: As bench/signing_bench.py runs the emulator by default (``--emulator-gc settled``): once a
-#: second a young collection, then ``gc.freeze()``, so that full collections of its growing heap
-#: do not land at random in a measured phase (under callgrind one of them is ~100k instructions
-#: per request of a 300-request phase).
-_SETTLED = """
-import gc, sys, threading, time
-
-def settle():
-    while True:
-        time.sleep(1.0)
-        gc.collect(1)
-        gc.freeze()
-
-threading.Thread(target=settle, daemon=True).start()
-from kubemtls_operator.emu import server
-sys.exit(server.main())
-"""
+#: As bench/signing_bench.py runs the emulator by default (``--emulator-gc settled``, the same
+#: code): once a second a young collection, then ``gc.freeze()``, so that full collections of
+#: its growing heap do not land at random in a measured phase (under callgrind one of them is
+#: ~100k instructions per request of a 300-request phase).
+_SETTLED = signing_bench.EMULATOR_SETTLED
 
 
 def cpu_times(pid: int) -> tuple[float, float]:

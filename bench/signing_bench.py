@@ -33,7 +33,7 @@ Load generators for 1. (``--generator``; the output says which one ran and what 
   always uses it (each token is used exactly once).
 
 The emulated API server runs with its growing heap kept out of CPython's full
-collections (``--emulator-gc settled``, the default; see ``_EMULATOR_SETTLED``): its
+collections (``--emulator-gc settled``, the default; see ``EMULATOR_SETTLED``): its
 120-265 ms collector pauses were charged to the signing latency. ``--emulator-gc default``
 runs it as before 2026-11-26. ``--no-closed`` skips the closed loop (paced/miss runs only).
 
@@ -123,7 +123,7 @@ def rss_mib(pid: int) -> float:
 #: loops), and each full collection of it stopped its loop for 120-265 ms every 5-8 s
 #: (gc.callbacks, 2026-11-26): every status write in flight, so every signing request,
 #: waited for it. Paced 200/s, p99: 288 and 530 ms without, 199 and 87 ms with.
-_EMULATOR_SETTLED = """
+EMULATOR_SETTLED = """
 import gc, runpy, threading, time
 
 def settle():
@@ -213,7 +213,7 @@ class Cluster:
         if "BENCH_EMULATOR_CMD" in os.environ:
             return os.environ["BENCH_EMULATOR_CMD"].split()
         if self.emulator_gc == "settled":
-            return ["-c", _EMULATOR_SETTLED]
+            return ["-c", EMULATOR_SETTLED]
         return ["-m", "kubemtls_operator.emu"]
 
     def stop(self) -> None:
@@ -772,7 +772,7 @@ def main() -> None:
         choices=("settled", "default"),
         default="settled",
         help="the emulated API server's garbage collector: its growing heap frozen once a "
-        "second (settled; see _EMULATOR_SETTLED), or CPython's default (runs before "
+        "second (settled; see EMULATOR_SETTLED), or CPython's default (runs before "
         "2026-11-26)",
     )
     ap.add_argument(

@@ -19,6 +19,7 @@ CHECK_INTERVAL 0.5s, WEBHOOK_MANAGED false (the injection webhook's tests turn i
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import json
 import pathlib
@@ -33,7 +34,7 @@ import pytest
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
 from cryptography.x509.oid import NameOID
 from kopf.testing import KopfRunner
 from kubemtls_operator import injection
@@ -165,6 +166,49 @@ def make_csr(
         )
     csr = builder.sign(key, hashes.SHA256())
     return key, csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def weak_csr() -> str:
+    """A CSR over an RSA-1024 key (the signer refuses it: WeakKey)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505
+    return make_csr(key)[1]
+
+
+def dsa_csr() -> str:
+    """A CSR over a DSA key (the signer refuses it: WeakKey)."""
+    return make_csr(dsa.generate_private_key(2048))[1]
+
+
+def bad_body(case: str, good_csr: str) -> tuple[Any, bytes | None]:
+    """The signing request body of a bad-request ``case`` (JSON body, or raw bytes when not
+    None); cases about the token or the pod keep the good body."""
+    body: Any = {"csr": good_csr}
+    raw = None
+    if case == "malformed-json":
+        raw = b"{not json"
+    elif case == "no-csr-field":
+        body = {"certificate": good_csr}
+    elif case == "not-pem":
+        body = {"csr": "hello"}
+    elif case == "bad-signature":
+        body = {"csr": tampered_csr()}
+    elif case == "weak-rsa":
+        body = {"csr": weak_csr()}
+    elif case == "dsa":
+        body = {"csr": dsa_csr()}
+    elif case == "oversized":
+        raw = b'{"csr": "' + b"A" * (70 * 1024) + b'"}'
+    return body, raw
+
+
+def tampered_csr() -> str:
+    """A CSR whose signature no longer verifies (BadSignature)."""
+    _, pem = make_csr()
+    csr = x509.load_pem_x509_csr(pem.encode())
+    der = bytearray(csr.public_bytes(serialization.Encoding.DER))
+    der[-5] ^= 0x01  # inside the signature
+    b64 = base64.encodebytes(bytes(der)).decode()
+    return f"-----BEGIN CERTIFICATE REQUEST-----\n{b64}-----END CERTIFICATE REQUEST-----\n"
 
 
 @dataclasses.dataclass

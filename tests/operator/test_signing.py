@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import pathlib
-from typing import Any
 
 import aiohttp
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, rsa
 from cryptography.x509.oid import NameOID
 from kubemtls_sidecar import certs, contract
 from operatorkit import (
@@ -17,6 +14,7 @@ from operatorkit import (
     OperatorHandle,
     _issued,
     _until,
+    bad_body,
     make_csr,
     openssl_verify,
     ready_pod,
@@ -84,26 +82,6 @@ async def test_token_of_pod_a_never_yields_a_cert_for_pod_b(
     assert not (b.get("status") or {}).get("serial")
 
 
-def _weak_csr() -> str:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505
-    return make_csr(key)[1]
-
-
-def _dsa_csr() -> str:
-    return make_csr(dsa.generate_private_key(2048))[1]
-
-
-def _tampered_csr() -> str:
-    _, pem = make_csr()
-    csr = x509.load_pem_x509_csr(pem.encode())
-    der = bytearray(csr.public_bytes(serialization.Encoding.DER))
-    der[-5] ^= 0x01  # inside the signature
-    import base64
-
-    b64 = base64.encodebytes(bytes(der)).decode()
-    return f"-----BEGIN CERTIFICATE REQUEST-----\n{b64}-----END CERTIFICATE REQUEST-----\n"
-
-
 @pytest.mark.parametrize(
     ("case", "status", "reason"),
     [
@@ -128,28 +106,13 @@ async def test_bad_requests_get_the_documented_answer(
 ) -> None:
     token, ca_pem = await ready_pod(api, "p")
     _, good = make_csr()
-    body: Any = {"csr": good}
-    raw = None
-    if case == "malformed-json":
-        raw = b"{not json"
-    elif case == "no-csr-field":
-        body = {"certificate": good}
-    elif case == "not-pem":
-        body = {"csr": "hello"}
-    elif case == "bad-signature":
-        body = {"csr": _tampered_csr()}
-    elif case == "weak-rsa":
-        body = {"csr": _weak_csr()}
-    elif case == "dsa":
-        body = {"csr": _dsa_csr()}
-    elif case == "no-token":
+    body, raw = bad_body(case, good)
+    if case == "no-token":
         token = ""
     elif case == "unknown-token":
         token = "not-a-token"
     elif case == "other-audience":
         token = await api.token_for("p", audience="https://kubernetes.default.svc")
-    elif case == "oversized":
-        raw = b'{"csr": "' + b"A" * (70 * 1024) + b'"}'
     elif case == "not-opted-in":
         await api.create_pod("plain", annotations={})
         token = await api.token_for("plain")

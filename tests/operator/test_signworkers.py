@@ -23,8 +23,6 @@ from typing import Any
 import aiohttp
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, rsa
 from kubemtls_operator import pki
 from kubemtls_sidecar import certs, contract
 from operatorkit import (
@@ -33,6 +31,7 @@ from operatorkit import (
     OperatorHandle,
     _issued,
     _until,
+    bad_body,
     client_context,
     make_csr,
     openssl_verify,
@@ -250,22 +249,6 @@ async def test_a_token_of_pod_a_never_yields_a_certificate_for_pod_b(
 
 
 # --- refusals --------------------------------------------------------------------------------
-def _weak_csr() -> str:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505
-    return make_csr(key)[1]
-
-
-def _dsa_csr() -> str:
-    return make_csr(dsa.generate_private_key(2048))[1]
-
-
-def _tampered_csr() -> str:
-    _, pem = make_csr()
-    csr = x509.load_pem_x509_csr(pem.encode())
-    der = bytearray(csr.public_bytes(serialization.Encoding.DER))
-    der[-5] ^= 0x01  # inside the signature
-    b64 = base64.encodebytes(bytes(der)).decode()
-    return f"-----BEGIN CERTIFICATE REQUEST-----\n{b64}-----END CERTIFICATE REQUEST-----\n"
 
 
 REFUSALS = {
@@ -300,28 +283,13 @@ async def test_every_refusal_is_the_documented_answer_and_counted_once(
         pod = f"p-{case}"
         await api.create_pod(pod, annotations={} if case == "not-opted-in" else None)
         token = await api.token_for(pod)
-        body: Any = {"csr": make_csr()[1]}
-        raw = None
-        if case == "malformed-json":
-            raw = b"{not json"
-        elif case == "no-csr-field":
-            body = {"certificate": body["csr"]}
-        elif case == "not-pem":
-            body = {"csr": "hello"}
-        elif case == "bad-signature":
-            body = {"csr": _tampered_csr()}
-        elif case == "weak-rsa":
-            body = {"csr": _weak_csr()}
-        elif case == "dsa":
-            body = {"csr": _dsa_csr()}
-        elif case == "no-token":
+        body, raw = bad_body(case, make_csr()[1])
+        if case == "no-token":
             token = ""
         elif case == "unknown-token":
             token = "not-a-token"
         elif case == "other-audience":
             token = await api.token_for(pod, audience="https://kubernetes.default.svc")
-        elif case == "oversized":
-            raw = b'{"csr": "' + b"A" * (70 * 1024) + b'"}'
         elif case == "deleted-pod-uncached":  # the API server invalidates the bound token
             await api.delete(f"/api/v1/namespaces/default/pods/{pod}")
         elif case in ("deleted-pod", "recreated-pod"):
