@@ -37,9 +37,9 @@ from kubemtls_operator import (
     tokens,
     workload,
 )
-from kubemtls_operator.signfront import MAX_BODY, RECORD_TIMEOUT, Grant, Issued, Published
+from kubemtls_operator.signfront import Grant, Issued, Published
 
-__all__ = ["MAX_BODY", "RECORD_TIMEOUT", "Signer"]
+__all__ = ["Signer"]
 
 logger = logging.getLogger(__name__)
 

@@ -182,7 +182,6 @@ class Pool:
     log_level: int = logging.INFO
     links: dict[int, _Link] = dataclasses.field(default_factory=dict)
     _tasks: list[asyncio.Task[None]] = dataclasses.field(default_factory=list)
-    _procs: dict[int, asyncio.subprocess.Process] = dataclasses.field(default_factory=dict)
     _gen: int = 0
     _gen_of: signfront.Published | None = None
 
@@ -289,7 +288,6 @@ class Pool:
             theirs.close()
         reader, writer = await asyncio.open_unix_connection(sock=ours)
         link = self.links[index] = _Link(self, index, reader, writer)
-        self._procs[index] = proc
         logger.info("signing worker %d started (pid %d)", index, proc.pid)
         serving_ = asyncio.create_task(link.serve())
         exited = asyncio.create_task(proc.wait())
@@ -309,5 +307,4 @@ class Pool:
                     with contextlib.suppress(ProcessLookupError):
                         proc.kill()
                     await exited
-            self._procs.pop(index, None)
         return proc.returncode
