@@ -56,10 +56,11 @@ TICK = os.sysconf("SC_CLK_TCK")
 TOKEN = "bench-token"  # noqa: S105 - a fake token the emulator is given
 
 _MAIN = "import sys; from kubemtls_operator.emu import server; sys.exit(server.main())"
-#: As bench/signing_bench.py runs the emulator by default (``--emulator-gc settled``, the same
-#: code): once a second a young collection, then ``gc.freeze()``, so that full collections of
-#: its growing heap do not land at random in a measured phase (under callgrind one of them is
-#: ~100k instructions per request of a 300-request phase).
+#: As bench/signing_bench.py ran the emulator by default in session 6 (``--emulator-gc
+#: settled``, the same code; it now runs it with the collector off): once a second a young
+#: collection, then ``gc.freeze()``, so that full collections of its growing heap do not land
+#: at random in a measured phase (under callgrind one of them is ~100k instructions per
+#: request of a 300-request phase).
 _SETTLED = signing_bench.EMULATOR_SETTLED
 
 
