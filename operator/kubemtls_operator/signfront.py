@@ -3,7 +3,7 @@
 ``POST /v1/certificates`` and ``GET /v1/trust``. The front checks what a request carries
 (body size, JSON, the CSR and its signature), signs the leaf with the CA its backend names,
 and answers. The backend authenticates the token, finds the pod, decides the leaf's
-identity and lifetime, and records the serial before the answer:
+identity and lifetime, and records (and logs) the serial before the answer:
 
 - in the operator's process, ``signing.Signer`` is the backend and this front is served
   there (``SIGNING_WORKERS=0``, the default);
@@ -198,13 +198,6 @@ class Front:
                 "the certificate could not be recorded in its MTLSCert in time; retry",
             ) from e
         self.backend.observe(time.perf_counter() - started)
-        logger.info(
-            "issued serial %s to %s (%s), notAfter %s",
-            issued.serial,
-            grant.pod,
-            grant.identity.spiffe_id,
-            body["notAfter"],
-        )
         return _json(200, body)
 
     def _sign(self, grant: Grant, public_key: pki.PublicKey) -> tuple[dict[str, str], Issued]:

@@ -134,6 +134,15 @@ class Signer:
             )
         )
         metrics.ISSUED.labels(pod.namespace).inc()
+        # Here, in the operator's process, whichever process signed: one line per serial,
+        # once it is recorded (a signing worker's busy loop does not format log lines).
+        logger.info(
+            "issued serial %s to %s (%s), notAfter %s",
+            issued.serial,
+            grant.pod,
+            grant.identity.spiffe_id,
+            revocation.format_time(issued.not_after),
+        )
 
     def refused(self, reason: str) -> None:
         metrics.REFUSED.labels(reason).inc()

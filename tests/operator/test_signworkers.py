@@ -188,7 +188,7 @@ async def workers(start_operator: Any) -> OperatorHandle:
 
 # --- a certificate through a worker ----------------------------------------------------------
 async def test_a_certificate_signed_by_a_worker_is_recorded_first_and_counted(
-    api: Api, workers: OperatorHandle, tmp_path: pathlib.Path
+    api: Api, workers: OperatorHandle, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     token, ca_pem = await ready_pod(
         api,
@@ -213,6 +213,9 @@ async def test_a_certificate_signed_by_a_worker_is_recorded_first_and_counted(
     assert done.returncode == 0, done.stdout + done.stderr
     assert f.spiffe_id == "spiffe://cluster.local/ns/default/sa/app"
     assert f.dns_names == ("web.default.svc",)  # the identity is the operator's, not the CSR's
+    # One audit line per serial, from the operator's process (not the worker's), once recorded.
+    lines = [r.getMessage() for r in caplog.records if r.name == "kubemtls_operator.signing"]
+    assert [m for m in lines if m.startswith(f"issued serial {st['serial']} to default/web-1 ")]
     # Counted in the operator's one /metrics: the workers gauge and the issued counter at
     # once (the operator records), the latency once a worker's batch arrives (every 0.5 s).
     after = await _metrics(workers)
