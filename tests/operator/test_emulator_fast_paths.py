@@ -117,6 +117,23 @@ async def test_numbers_keep_what_json_gives(k8s: Any) -> None:
         assert type(obj["spec"]["beyond"]) is int
 
 
+async def test_kmock_request_list_stays_short(k8s: Any) -> None:
+    """kmock keeps every request it served; the emulator drops the oldest a few at a time
+    (dropping thousands at once stalled its loop for 30-50 ms), and its own log stays whole."""
+    async with aiohttp.ClientSession() as s:
+        path = k8s.url + naming.mtlscerts_path("default")
+        assert (await _call(s, "POST", path, _cert("kept")))[0] == 201
+        lengths = []
+        for _ in range(700):
+            assert (await _call(s, "GET", f"{path}/kept"))[0] == 200
+            lengths.append(len(k8s.emulator._requests))
+    assert max(lengths) <= 257
+    assert min(lengths[-300:]) >= 128  # trimmed by halves, not emptied
+    gets = [r for r in k8s.emulator.request_log if r["path"].endswith("/kept")]
+    assert len(gets) >= 700
+    assert all(r["status"] == 200 for r in gets)
+
+
 async def test_status_writes_and_the_watch_under_concurrent_writers(k8s: Any) -> None:
     names, rounds = ["w0", "w1", "w2"], 12
     answers.clear()
@@ -194,3 +211,112 @@ async def test_status_writes_and_the_watch_under_concurrent_writers(k8s: Any) ->
             == originals[name]["metadata"]["resourceVersion"]
         )
         assert "status" not in stored[0]
+
+
+def _same_but_names(a: Any, b: Any, names: tuple[str, str]) -> bool:
+    """Equal once b's object name (and the podUID named after it) is a's."""
+    text_a, text_b = json.dumps(a, sort_keys=True), json.dumps(b, sort_keys=True)
+    return text_a == text_b.replace(names[1], names[0])
+
+
+async def test_the_direct_status_patch_answers_as_the_general_path(k8s: Any) -> None:
+    """A plain status merge patch (Content-Type exactly application/merge-patch+json, no query)
+    skips kmock's request parse (emu/fastpath.py); with a charset parameter the same request
+    takes kmock's path. Both give the same answers, 409s and 404s, log lines and watch lines,
+    and a null in the patch removes the field in both."""
+    fast, general = "application/merge-patch+json", "application/merge-patch+json; charset=utf-8"
+    emu = k8s.emulator
+    lines: list[bytes] = []
+    async with aiohttp.ClientSession() as s:
+        path = k8s.url + naming.mtlscerts_path("default")
+        made = {}
+        for name in ("fp-a", "fp-b"):
+            status, made[name] = await _call(s, "POST", path, _cert(name))
+            assert status == 201
+
+        async def watch() -> None:
+            params = {
+                "watch": "true",
+                "resourceVersion": made["fp-b"]["metadata"]["resourceVersion"],
+            }
+            async with s.get(path, params=params) as r:
+                async for line in r.content:
+                    lines.append(line)
+
+        watcher = asyncio.create_task(watch())
+        await eventually(lambda: len(emu.watchers[MTLSCERTS]) == 1)
+        rvs = {n: o["metadata"]["resourceVersion"] for n, o in made.items()}
+        results: dict[str, list[tuple[int, Any]]] = {"fp-a": [], "fp-b": []}
+        steps = [
+            {"status": {"serial": "01", "conditions": [{"type": "Ready"}], "x": {"a": 1, "b": 2}}},
+            {"status": {"serial": None, "x": {"a": None, "c": [1, None]}}},
+            {"status": {"phase": "Done"}, "spec": {"podName": "ignored"}},
+        ]
+        for step in steps:
+            for name, ctype in (("fp-a", fast), ("fp-b", general)):
+                body = {"metadata": {"resourceVersion": rvs[name]}, **step}
+                out = await _call(s, "PATCH", f"{path}/{name}/status", body, ctype)
+                assert out[0] == 200, out
+                rvs[name] = out[1]["metadata"]["resourceVersion"]
+                results[name].append(out)
+        for name, ctype in (("fp-a", fast), ("fp-b", general)):
+            stale = {"metadata": {"resourceVersion": made[name]["metadata"]["resourceVersion"]}}
+            results[name].append(
+                await _call(s, "PATCH", f"{path}/{name}/status", {**stale, "status": {}}, ctype)
+            )
+            results[name].append(
+                await _call(s, "PATCH", f"{path}/{name}-gone/status", {"status": {}}, ctype)
+            )
+        await eventually(lambda: len(lines) == 2 * len(steps))
+        watcher.cancel()
+
+    for (sa, a), (sb, b) in zip(results["fp-a"], results["fp-b"], strict=True):
+        assert sa == sb
+        for obj in (a, b):
+            obj.get("metadata", {}).pop("resourceVersion", None)
+            obj.get("metadata", {}).pop("creationTimestamp", None)
+            obj.get("metadata", {}).pop("uid", None)
+        assert _same_but_names(a, b, ("fp-a", "fp-b")), (a, b)
+    codes = [code for code, _ in results["fp-a"]]
+    assert codes == [200, 200, 200, 409, 404]
+    final = results["fp-a"][2][1]
+    assert final["status"] == {
+        "conditions": [{"type": "Ready"}],
+        "x": {"b": 2, "c": [1, None]},
+        "phase": "Done",
+    }
+    assert final["spec"]["podName"] == "fp-a"
+    for name in ("fp-a", "fp-b"):  # one log line each, with the status code
+        logged = [r["status"] for r in emu.request_log if f"/{name}/" in r["path"]]
+        assert logged == [200, 200, 200, 409]
+        assert [r["status"] for r in emu.request_log if f"/{name}-gone/" in r["path"]] == [404]
+    # Only the general path's requests went through kmock (its request list).
+    through_kmock = [str(r.url.path) for r in emu._requests]
+    assert not [p for p in through_kmock if "/fp-a" in p]
+    assert len([p for p in through_kmock if "/fp-b" in p and p.endswith("/status")]) == 5
+    # Watch lines: compact JSON of each answer, for both paths alike.
+    for line in lines:
+        event = json.loads(line)
+        assert line == b'{"type":"MODIFIED","object":' + json_of(event["object"]) + b"}\n"
+
+
+async def test_the_direct_status_patch_keeps_latency_injection(k8s: Any) -> None:
+    async with aiohttp.ClientSession() as s:
+        path = k8s.url + naming.mtlscerts_path("default")
+        status, made = await _call(s, "POST", path, _cert("slow"))
+        assert status == 201
+        slow = {"pattern": "^PATCH .*/slow/status$", "seconds": 0.3}
+        assert (await _call(s, "POST", k8s.url + "/_emu/latency", slow))[0] == 200
+        body = {"metadata": {"resourceVersion": made["metadata"]["resourceVersion"]}}
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        status, done = await _call(
+            s,
+            "PATCH",
+            f"{path}/slow/status",
+            {**body, "status": {"serial": "02"}},
+            "application/merge-patch+json",
+        )
+        assert status == 200
+        assert done["status"] == {"serial": "02"}
+        assert loop.time() - started >= 0.3

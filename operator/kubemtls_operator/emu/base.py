@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime
+import json
 import re
 from typing import Any
 
 import kmock
+import orjson
 from kmock import KubernetesError
 
 from kubemtls_operator.emu import kmockfix  # (patches kmock first)
@@ -30,6 +32,15 @@ R_VWC = kmockfix.intern(
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers.
+def dumps(obj: Any) -> bytes:
+    """JSON as kube-apiserver sends it (compact), by orjson; json for what orjson refuses
+    (integers beyond 64 bits, non-string keys)."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+
 def now_rfc3339() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 

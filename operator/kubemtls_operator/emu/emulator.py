@@ -6,7 +6,6 @@ import asyncio
 import base64
 import collections
 import copy
-import json
 import os
 import random
 import re
@@ -19,7 +18,6 @@ from typing import Any
 import aiohttp.web
 import jsonpatch
 import kmock
-import orjson
 import yaml
 from kmock import KubernetesError
 from kmock._internal import k8s_dicts
@@ -37,6 +35,7 @@ from kubemtls_operator.emu.base import (
     _err,
     bad_request,
     conflict,
+    dumps,
     gv,
     header,
     invalid,
@@ -47,6 +46,7 @@ from kubemtls_operator.emu.base import (
     version_key,
 )
 from kubemtls_operator.emu import patching
+from kubemtls_operator.emu.fastpath import FastPathMixin
 from kubemtls_operator.emu.patching import merge_patch, strategic_merge_patch
 from kubemtls_operator.emu.protobuf import PB_KINDS, decode_k8s_protobuf
 from kubemtls_operator.emu.reviews import ReviewsMixin
@@ -56,18 +56,17 @@ from kubemtls_operator.emu.tables import TablesMixin
 from kubemtls_operator.emu.webhooks import AdmissionMixin
 
 
-def _dumps(obj: Any) -> bytes:
-    """JSON as kube-apiserver sends it (compact), by orjson; json for what orjson refuses
-    (integers beyond 64 bits, non-string keys)."""
-    try:
-        return orjson.dumps(obj)
-    except TypeError:
-        return json.dumps(obj, separators=(",", ":")).encode()
+_dumps = dumps  # (base.dumps: the fast path writes the same JSON)
 
 
 # ---------------------------------------------------------------------------------------------
 class Emulator(
-    TablesMixin, AdmissionMixin, ReviewsMixin, SideChannelMixin, kmock.KubernetesEmulator
+    FastPathMixin,
+    TablesMixin,
+    AdmissionMixin,
+    ReviewsMixin,
+    SideChannelMixin,
+    kmock.KubernetesEmulator,
 ):
     """kmock's KubernetesEmulator with the verbs reimplemented closer to a real kube-apiserver."""
 
@@ -92,6 +91,7 @@ class Emulator(
         self.events_dropped: dict[kmock.resource, int] = collections.defaultdict(int)
         self.request_log: collections.deque = collections.deque(maxlen=2000)
         self.signing_key = os.urandom(32)
+        self._encoded: dict[int, tuple[dict, bytes]] = {}  # FastPathMixin.encoded()
 
     # ----- the store ------------------------------------------------------------------------
     @property
@@ -101,8 +101,11 @@ class Emulator(
         )  # (resource, namespace|None, name) -> kmock Object (with history)
 
     def next_rv(self) -> str:
-        self.rv += 1
-        return str(self.rv)
+        # rv is no attrs field: kmock's attrs __setattr__ (a Python call per write) would only
+        # pass it on to object.__setattr__.
+        rv = self.rv + 1
+        object.__setattr__(self, "rv", rv)
+        return str(rv)
 
     def info(self, res: kmock.resource) -> kmock.ResourceInfo | None:
         # kmock's own lookup parses the key on every call: known resources are remembered
@@ -158,9 +161,17 @@ class Emulator(
         if cur is None:
             self.store[key] = k8s_dicts.Object(obj)
         else:
-            cur.create(obj)
-            if len(cur.history) > 20:
-                del cur.history[:-10]
+            # What cur.create(obj) stores, in one ObjectVersion (kmock's create wraps obj in one,
+            # then its history wraps that in another: two copies of the top-level dict).
+            versions = getattr(cur.history, "_ObjectHistory__items", None)
+            if type(versions) is list:
+                versions.append(k8s_dicts.ObjectVersion(obj))
+                if len(versions) > 20:
+                    del versions[:-10]
+            else:  # another kmock than 0.8
+                cur.create(obj)
+                if len(cur.history) > 20:
+                    del cur.history[:-10]
         self.emit(res, etype, obj)
 
     def remove(self, res: kmock.resource, ns: str | None, name: str) -> dict:
@@ -436,6 +447,7 @@ class Emulator(
         has_status = info is not None and "status" in info.subresources
         if subresource == "status" and not has_status:
             raise _err(404, "NotFound", "the server could not find the requested resource")
+        settled = False
         if subresource == "status":  # old's everything but .status from new
             # Shared with old, not copied (see put()); metadata is changed below: a shallow copy.
             status = new.get("status")
@@ -443,6 +455,10 @@ class Emulator(
             new.setdefault("status", status)
             if isinstance(new.get("metadata"), dict):
                 new["metadata"] = dict(new["metadata"])
+                # The rules below (up to the resourceVersion) would leave this new as it is:
+                # its metadata and every field but .status are old's, so no field to restore
+                # and no generation bump; only a Namespace's normalize() rebuilds a dict.
+                settled = res != R_NS
             if new["status"] is None:
                 del new["status"]
         elif subresource not in (None, ""):
@@ -454,6 +470,25 @@ class Emulator(
                 new["status"] = patching.jcopy(old["status"])
             else:
                 new.pop("status", None)
+        if settled:
+            meta = new["metadata"]
+        else:
+            meta = self.apply_update_rules(res, name, new, old, has_status)
+        if dry_run:
+            return new
+        meta["resourceVersion"] = self.next_rv()
+        if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+            self.store[(res, ns, name)].create(new)
+            return self.remove(res, ns, name)
+        self.put(res, ns, name, new)
+        if res == R_CRD:
+            self.register_crd(new)
+        return new
+
+    def apply_update_rules(
+        self, res: kmock.resource, name: str, new: dict, old: dict, has_status: bool
+    ) -> dict:
+        """update_obj's rules for new's metadata and generation (changes new); its metadata."""
         meta, old_meta = new.setdefault("metadata", {}), old.get("metadata", {})
         if not isinstance(meta, dict):
             raise invalid(res, name, "metadata: Invalid value", self.kind_of(res))
@@ -479,16 +514,7 @@ class Emulator(
             k: v for k, v in old.items() if k not in skip
         }:
             meta["generation"] = int(old_meta.get("generation") or 1) + 1
-        if dry_run:
-            return new
-        meta["resourceVersion"] = self.next_rv()
-        if meta.get("deletionTimestamp") and not meta.get("finalizers"):
-            self.store[(res, ns, name)].create(new)
-            return self.remove(res, ns, name)
-        self.put(res, ns, name, new)
-        if res == R_CRD:
-            self.register_crd(new)
-        return new
+        return meta
 
     def check_rv(self, res: kmock.resource, name: str, body: Any, old: dict) -> None:
         want = (
@@ -501,8 +527,10 @@ class Emulator(
 
     # ----- HTTP dispatch ----------------------------------------------------------------------
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
-        if len(self._requests) > 5000:  # kmock keeps every request; keep memory bounded
-            del self._requests[:2500]
+        # kmock keeps every request; keep memory bounded, a few at a time: dropping 2,500 at once
+        # stalled the loop for 30-50 ms every 5 s at 500 writes/s (bench/signing_bench.py).
+        if len(self._requests) > 256:
+            del self._requests[:128]
         if self._errors and len(self._errors[-1]) > 1000:
             del self._errors[-1][:500]
         entry = {"method": method_of(request), "path": request.url.path_qs, "status": None}
@@ -656,7 +684,11 @@ class Emulator(
             body=_dumps(payload), status=status, content_type="application/json"
         )
 
-    async def patch(self, request, body, res, ns, name, sub, ctype, dry_run) -> tuple[dict, int]:
+    async def patch(
+        self, request, body, res, ns, name, sub, ctype, dry_run, owned: bool = False
+    ) -> tuple[dict, int]:
+        """``owned``: ``body`` was parsed for this call alone (the fast path): a status merge
+        keeps its values instead of copying them."""
         if ctype == "application/apply-patch+yaml" and body is None:
             try:
                 body = yaml.safe_load(request.text)
@@ -692,11 +724,14 @@ class Emulator(
                         new = strategic_merge_patch(old, body)
                     elif sub == "status":
                         # update_obj keeps only .status of a status write: merge just that
-                        # (what merge_patch(old, body)["status"] is, without copying the rest).
+                        # (what merge_patch(old, body)["status"] is, without copying the rest;
+                        # old's untouched parts are shared: a stored version never changes).
                         new = {
-                            "status": merge_patch(old.get("status"), body["status"])
+                            "status": patching.merge_patch_shared(
+                                old.get("status"), body["status"], owned
+                            )
                             if "status" in body
-                            else patching.jcopy(old.get("status"))
+                            else old.get("status")
                         }
                     else:
                         new = merge_patch(old, body)
@@ -819,6 +854,10 @@ class Emulator(
                     "type": event["type"],
                     "object": self.table(request, res, [event["object"]]),
                 }
+            elif len(event) == 2 and (obj := self.encoded(event.get("object"))) is not None:
+                # The object a status patch just answered with: its JSON, not serialised again
+                # (what _dumps(event) gives: {"type":...,"object":...}, compact).
+                return b'{"type":"%s","object":%s}\n' % (event["type"].encode(), obj)
             return _dumps(event) + b"\n"
 
         async def send(event: dict) -> None:

@@ -84,6 +84,14 @@ def _parsed(path: str) -> tuple[_parsing.ParsedPath, kmock.resource | None]:
     return k8s, resource
 
 
+parsed_path = _parsed  # (the emulator's fast path: emu/fastpath.py)
+
+
+def has_long_integers(body: bytes) -> bool:
+    """Whether ``body`` has a run of 19+ digits (orjson would make a float of such an integer)."""
+    return _LONG_RUN in body.translate(_DIGITS_TO_0)
+
+
 def _method(name: str) -> kmock.method:
     try:
         return _methods[name]

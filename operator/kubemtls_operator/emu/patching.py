@@ -44,6 +44,31 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return result
 
 
+def merge_patch_shared(target: Any, patch: Any, owned: bool = False) -> Any:
+    """RFC 7386 as ``merge_patch`` (equal result, same key order), for a stored version, which
+    is never changed in place (see ``Emulator.put``): the result shares ``target``'s untouched
+    parts instead of copying them, and, when ``owned`` (a body parsed for this request alone),
+    ``patch``'s values too. Only the dicts on merged paths are new."""
+    if not isinstance(patch, dict):
+        return patch if owned else jcopy(patch)
+    if not isinstance(target, dict):
+        target = {}
+    result = {}
+    for k, v in target.items():
+        if k not in patch:
+            result[k] = v
+        elif (p := patch[k]) is None:
+            continue
+        elif isinstance(p, dict):
+            result[k] = merge_patch_shared(v, p, owned)
+        else:  # a scalar or a list replaces (no call for it)
+            result[k] = p if owned else jcopy(p)
+    for k, v in patch.items():
+        if v is not None and k not in target:
+            result[k] = merge_patch_shared(None, v, owned)
+    return result
+
+
 SMP_MERGE_KEYS = {
     "containers": ("name",),
     "initContainers": ("name",),
