@@ -13,6 +13,7 @@ import string
 import sys
 import traceback
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp.web
@@ -531,16 +532,32 @@ class Emulator(
         # stalled the loop for 30-50 ms every 5 s at 500 writes/s (bench/signing_bench.py).
         if len(self._requests) > 256:
             del self._requests[:128]
+        return await self.logged(
+            method_of(request),
+            request.url.path_qs,
+            request.url.path,
+            lambda: self._dispatch(request),
+        )
+
+    async def logged(
+        self,
+        method: str,
+        path_qs: str,
+        path: str,
+        serve: Callable[[], Awaitable[aiohttp.web.StreamResponse]],
+    ) -> aiohttp.web.StreamResponse:
+        """``serve()`` inside what every request gets: its ``request_log`` entry, ``latency``
+        injection, the ``--verbose`` line (kmock's path and the fast path alike)."""
         if self._errors and len(self._errors[-1]) > 1000:
             del self._errors[-1][:500]
-        entry = {"method": method_of(request), "path": request.url.path_qs, "status": None}
+        entry = {"method": method, "path": path_qs, "status": None}
         self.request_log.append(entry)
         try:
             for pattern, seconds in self.latency:
-                if pattern.search(f"{entry['method']} {request.url.path}"):
+                if pattern.search(f"{method} {path}"):
                     await asyncio.sleep(seconds)
                     break
-            response = await self._dispatch(request)
+            response = await serve()
             entry["status"] = response.status
             return response
         except KubernetesError as e:

@@ -22,14 +22,10 @@ carrying that same object reuses the bytes instead of serialising it again.
 
 from __future__ import annotations
 
-import asyncio
-import sys
-import traceback
 from typing import Any
 
 import aiohttp.web
 import orjson
-from kmock import KubernetesError
 
 from kubemtls_operator.emu import kmockfix
 from kubemtls_operator.emu.base import dumps
@@ -91,40 +87,17 @@ class FastPathMixin:
         if not isinstance(data, dict):
             return None
 
-        # What Emulator._handle does around its dispatch, and kmock's RawHandler.__call__ on errors.
-        if emu._errors and len(emu._errors[-1]) > 1000:
-            del emu._errors[-1][:500]
-        entry: dict[str, Any] = {"method": "PATCH", "path": path, "status": None}
-        emu.request_log.append(entry)
+        async def serve() -> aiohttp.web.StreamResponse:
+            obj, status = await emu.patch(
+                None, data, res, k8s.namespace, k8s.name, "status", _MERGE, False, owned=True
+            )
+            answer = dumps(obj)
+            self._remember_encoded(obj, answer)
+            return aiohttp.web.Response(body=answer, status=status, content_type="application/json")
+
+        # Emulator._handle's bookkeeping, then kmock's RawHandler.__call__'s on errors.
         try:
-            try:
-                for pattern, seconds in emu.latency:
-                    if pattern.search(f"PATCH {path}"):
-                        await asyncio.sleep(seconds)
-                        break
-                obj, status = await emu.patch(
-                    None, data, res, k8s.namespace, k8s.name, "status", _MERGE, False, owned=True
-                )
-                answer = dumps(obj)
-                self._remember_encoded(obj, answer)
-                entry["status"] = status
-                return aiohttp.web.Response(
-                    body=answer, status=status, content_type="application/json"
-                )
-            except KubernetesError as e:
-                entry["status"] = e.status
-                raise
-            except Exception:
-                entry["status"] = 500
-                traceback.print_exc(file=sys.stderr)
-                raise
-            finally:
-                if emu.verbose:
-                    print(
-                        f"k8semu: {entry['method']} {entry['path']} -> {entry['status']}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+            return await emu.logged("PATCH", path, path, serve)  # type: ignore[no-any-return]
         except Exception as e:
             if not emu._errors:
                 raise
