@@ -143,7 +143,7 @@ runpy.run_module("kubemtls_operator.emu", run_name="__main__", alter_sys=True)
 #: 2026-11-26, session 7). Measured with gc.callbacks in a paced 500/s run, 1 signing worker:
 #: under ``settled`` its young collections (generation 1, every ~0.3 s) took 3-9 ms of CPU and
 #: 3-17 ms of wall time each, 60-70 of them per 20 s; p99 over 4 runs: 25.0-86.8 ms, against
-#: 31.0-44.9 ms (6 runs) with the collector off. What it no longer frees (reference cycles)
+#: 31.0-44.9 ms (5 runs) with the collector off. What it no longer frees (reference cycles)
 #: stays bounded over a run: RSS 48 → 119 MiB, flat after ~12 s (its stores are bounded).
 EMULATOR_NO_GC = """
 import gc, runpy
